@@ -1,0 +1,617 @@
+#!/usr/bin/env python3
+"""Datasets for Parameter Golf: the official cached shards, shards from your own text, an offline sample.
+
+  python data/prepare.py download --variant sp1024 [--train-shards 80]      official shards from the HF hub
+  python data/prepare.py text a.txt b.jsonl --vocab-size 1024 --val-docs 1000 --out data/datasets/mine_sp1024
+  python data/prepare.py hf NAME [--config-name C] --tokenizer M.model --val-docs 1000 --out DIR
+  python data/prepare.py sample                       offline corpus from Python's own docs, in seconds
+  python data/prepare.py index DIR --tokenizer M      manifest.json for shards made by other tools
+  python data/prepare.py verify DIR                   re-hash the shards against manifest.json
+
+Shard format: 256 little-endian int32 header (magic, version, token count, zeros), then uint16 tokens.
+Each document is [BOS] + sp.encode(text) with no separator; val = the first N documents, train = the
+rest, and the two splits never share a shard. Every dataset dir gets a manifest.json (build_manifest).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train_gpt import (  # noqa: E402  (the shard reader and byte LUTs live in the trainer)
+    SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, build_byte_luts, check_token_range,
+    load_shard, read_shard_header, target_bytes,
+)
+
+SHARD_TOKENS = 10**8
+MAX_VOCAB = 1 << 16  # token ids are stored as uint16
+MANIFEST_FORMAT = "pgolf-dataset/1"
+DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+SP_TRAINER_ARGS = dict(  # the official tokenizer settings
+    model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+    pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
+)
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, hashes, shards
+
+
+def _atomic_write(path: Path, *chunks: bytes) -> None:
+    """Write to a hidden temp file next to `path`, then rename over it: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def shards_on_disk(dataset_dir, split: str) -> list[Path]:
+    return sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))
+
+
+def _as_u16(tokens) -> np.ndarray:
+    a = np.asarray(tokens)
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= MAX_VOCAB):
+        bad = int(a.max()) if int(a.max()) >= MAX_VOCAB else int(a.min())
+        raise ValueError(f"token id {bad} does not fit uint16: shards hold ids 0..65535 (vocab > 65,536 is unsupported)")
+    return a.astype("<u2")
+
+
+def write_shard(path, tokens) -> int:
+    """Write one official shard atomically; return its token count."""
+    body = _as_u16(tokens)
+    if body.size >= 2**31:
+        raise ValueError(f"{path}: {body.size} tokens is too many for one shard (< 2^31)")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, body.size)
+    _atomic_write(Path(path), header.tobytes(), body.tobytes())
+    return int(body.size)
+
+
+class ShardWriter:
+    """Packs documents into fixed-size shards; documents may continue across shards of one split."""
+
+    def __init__(self, out_dir, shard_tokens: int = SHARD_TOKENS):
+        if shard_tokens < 1:
+            raise ValueError(f"shard size must be >= 1 token (got {shard_tokens})")
+        self.out_dir, self.buf, self.n = Path(out_dir), np.empty(shard_tokens, dtype="<u2"), 0
+        self.split, self.index = None, 0
+
+    def start_split(self, split: str) -> None:
+        self.flush()
+        self.split, self.index = split, 0
+
+    def add(self, tokens) -> None:
+        tokens, pos = _as_u16(tokens), 0
+        while pos < tokens.size:
+            k = min(tokens.size - pos, self.buf.size - self.n)
+            self.buf[self.n : self.n + k] = tokens[pos : pos + k]
+            self.n, pos = self.n + k, pos + k
+            if self.n == self.buf.size:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            write_shard(self.out_dir / shard_name(self.split, self.index), self.buf[: self.n])
+            self.index, self.n = self.index + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def load_sp(path):
+    import sentencepiece as spm
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"tokenizer {p} not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(p))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{p}: not a SentencePiece model ({e})") from None
+    return check_sp(sp, p)
+
+
+def check_sp(sp, where):
+    if int(sp.vocab_size()) > MAX_VOCAB:
+        raise ValueError(f"{where}: vocab {sp.vocab_size()} > 65,536: token ids would not fit the uint16 shards")
+    if int(sp.bos_id()) < 0:
+        raise ValueError(f"{where}: tokenizer has no BOS id; documents need [BOS] + tokens")
+    return sp
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
+    """Train a SentencePiece BPE model with the official settings; returns the serialized .model."""
+    import sentencepiece as spm
+
+    if not 1 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab size {vocab_size} must be in 1..65,536 (token ids are stored as uint16)")
+    cleaned = (t for t in (x.replace("\x00", " ").strip() for x in texts) if t)
+    first = next(cleaned, None)
+    if first is None:
+        raise ValueError("no documents in the input: nothing to train the tokenizer on")
+    model, failed = io.BytesIO(), []
+
+    def sentences():  # keep an input error (e.g. a bad jsonl line) instead of sentencepiece's wrapped copy
+        try:
+            yield first
+            yield from cleaned
+        except Exception as e:
+            failed.append(e)
+            raise
+
+    try:  # num_threads stays at its default (16) so the saved model bytes do not depend on the machine
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **SP_TRAINER_ARGS
+        )
+    except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
+        raise ValueError(f"sentencepiece training failed: {e}") from None
+    return model.getvalue()
+
+
+def save_tokenizer(model: bytes, path: Path):
+    """Write <name>.model and the matching <name>.vocab (piece<TAB>score, as SentencePiece writes it)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, model)
+    _atomic_write(path.with_suffix(".vocab"), vocab.encode("utf-8"))
+
+
+# -----------------------------------------------------------------------------
+# manifest.json: computed from the shards on disk
+
+
+def val_bytes(tokens: np.ndarray, luts) -> int:
+    """Bytes the bpb metric divides by: target_bytes over targets 1..N-1 of a token stream (prev = the token before)."""
+    total, step = 0, 1 << 24
+    for i in range(0, tokens.size - 1, step):
+        seg = tokens[i : i + step + 1]
+        total += int(target_bytes(seg[:-1], seg[1:], luts).sum(dtype=np.int64))
+    return total
+
+
+def _scan_split(files: list[Path], bos_id: int, vocab_size: int) -> dict:
+    shards, docs = [], 0
+    for f in files:
+        tokens = load_shard(f)
+        check_token_range(tokens, vocab_size, f)
+        docs += int(np.count_nonzero(tokens == bos_id))
+        shards.append({"file": f.name, "tokens": int(tokens.size), "sha256": sha256_file(f)})
+    return {"docs": docs, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+
+
+def _val_stream(dataset_dir) -> np.ndarray:
+    files = shards_on_disk(dataset_dir, "val")
+    if not files:
+        raise DataError(f"{dataset_dir}: no fineweb_val_*.bin shards")
+    return np.concatenate([load_shard(f) for f in files])
+
+
+def build_manifest(dataset_dir, tokenizer_path, source: str) -> dict:
+    """Index the shards in dataset_dir, write dataset_dir/manifest.json atomically, return it."""
+    d = Path(dataset_dir)
+    sp = load_sp(tokenizer_path)
+    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
+    val, train = (_scan_split(shards_on_disk(d, s), bos, vocab) for s in ("val", "train"))
+    stream = _val_stream(d)
+    n_bytes = val_bytes(stream, build_byte_luts(sp, vocab))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": source,
+        "tokenizer": {"path": str(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
+        "vocab_size": vocab,
+        "bos_id": bos,
+        "splits": {"val": {"docs": val["docs"], "tokens": val["tokens"], "bytes": n_bytes, "shards": val["shards"]}, "train": train},
+        "val_tokens": int(stream.size),
+        "val_bytes": n_bytes,
+        "val_sha256": hashlib.sha256(stream.tobytes()).hexdigest(),
+    }
+    _atomic_write(d / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def read_manifest(dataset_dir) -> dict:
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; write one with `python data/prepare.py index {dataset_dir} --tokenizer MODEL`")
+    try:
+        m = json.loads(path.read_text())
+        for split in ("val", "train"):
+            m["splits"][split]["shards"]
+        return m
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def verify(dataset_dir) -> str:
+    """Re-hash every shard and check headers and counts against manifest.json; raise DataError on a mismatch."""
+    d, m = Path(dataset_dir), read_manifest(dataset_dir)
+    for split in ("val", "train"):
+        want, got = m["splits"][split], _scan_split(shards_on_disk(d, split), int(m["bos_id"]), MAX_VOCAB)
+        listed, found = ({s["file"]: s for s in x["shards"]} for x in (want, got))
+        for name in sorted(listed.keys() | found.keys()):
+            if name not in found or name not in listed:
+                raise DataError(f"{d / name}: " + ("in the manifest but missing" if name in listed else "on disk but not in the manifest"))
+            diff = [k for k in ("tokens", "sha256") if found[name][k] != listed[name].get(k)]
+            if diff:
+                raise DataError(f"{d / name}: {' and '.join(diff)} differ from the manifest: the shard was modified or is corrupt")
+        if (got["docs"], got["tokens"]) != (want.get("docs"), want.get("tokens")):
+            raise DataError(f"{d}: {split} has {got['docs']} docs / {got['tokens']} tokens, the manifest says {want.get('docs')} / {want.get('tokens')}")
+    stream = _val_stream(d)
+    if hashlib.sha256(stream.tobytes()).hexdigest() != m.get("val_sha256") or stream.size != m.get("val_tokens"):
+        raise DataError(f"{d}: val stream does not match the manifest's val_sha256 / val_tokens")
+    tok, note = Path(m["tokenizer"]["path"]), "not found here, not checked"
+    if tok.is_file():
+        if sha256_file(tok) != m["tokenizer"]["sha256"]:
+            raise DataError(f"{tok}: sha256 differs from the manifest: not the tokenizer these shards were made with")
+        note = "ok"
+    v, t = m["splits"]["val"], m["splits"]["train"]
+    return (f"ok: {d}: val {len(v['shards'])} shard(s) {v['tokens']} tokens {v['docs']} docs, "
+            f"train {len(t['shards'])} shard(s) {t['tokens']} tokens; tokenizer {tok}: {note}")
+
+
+# -----------------------------------------------------------------------------
+# documents: text files, Hugging Face datasets, the built-in sample
+
+
+def split_text_documents(text: str) -> list[str]:
+    """A .txt file holds documents separated by blank lines."""
+    return [d for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def iter_file_documents(paths, text_field: str = "text") -> Iterator[str]:
+    for p in map(Path, paths):
+        if p.suffix != ".jsonl":
+            yield from split_text_documents(p.read_text(encoding="utf-8"))
+            continue
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    text = None
+                if not isinstance(text, str):
+                    raise ValueError(f"{p}:{i}: expected a JSON object with a string {text_field!r} field")
+                yield text
+
+
+def iter_hf_documents(name: str, config_name=None, split="train", data_files=None, text_field="text", max_docs=None) -> Iterator[str]:
+    import datasets
+
+    ds = datasets.load_dataset(name, config_name, split=split, data_files=data_files, streaming=True)
+    for i, row in enumerate(itertools.islice(ds, max_docs)):
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"hf:{name} row {i}: no string {text_field!r} field (columns: {sorted(row)})")
+        yield text
+
+
+def sample_documents(max_chars: int = 2000) -> list[str]:
+    """Python's bundled help topics as documents: paragraphs grouped up to ~max_chars, sorted topic keys."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for key in sorted(topics):
+        group, size = [], 0
+        for para in split_text_documents(topics[key]):
+            if group and size + 2 + len(para) > max_chars:
+                docs.append("\n\n".join(group))
+                group, size = [], 0
+            group.append(para)
+            size += len(para) + (2 if size else 0)
+        if group:
+            docs.append("\n\n".join(group))
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# pipeline: documents -> (tokenizer) -> shards -> manifest
+
+
+def export_shards(docs: Iterable[str], sp, out_dir, val_docs: int, shard_tokens: int = SHARD_TOKENS) -> int:
+    """Write [BOS]+ids per document: the first val_docs to val shards, the rest to train. Returns the doc count."""
+    writer, bos, n = ShardWriter(out_dir, shard_tokens), int(sp.bos_id()), 0
+    writer.start_split("val")
+    docs = iter(tqdm(docs, desc="export", unit="doc", disable=None))
+    while batch := list(itertools.islice(docs, 512)):
+        for ids in sp.encode(batch, out_type=int):
+            if n == val_docs:
+                writer.start_split("train")  # flushes: the splits never share a shard
+            writer.add(np.array([bos, *ids], dtype=np.int64))
+            n += 1
+    writer.flush()
+    if n == 0:
+        raise ValueError("no documents in the input")
+    if n <= val_docs:
+        raise ValueError(f"val docs {val_docs} >= total docs {n}: leave at least one document for train")
+    return n
+
+
+def build_dataset(docs: Callable[[], Iterable[str]], out, val_docs: int, source: str, tokenizer=None, vocab_size=None,
+                  tokenizer_dir="data/tokenizers", name="custom", shard_tokens=SHARD_TOKENS, force=False,
+                  tokenizer_train_docs=None) -> dict:
+    """Shards + manifest from a re-iterable document source (docs() is called once per pass).
+    Reuses `tokenizer` or trains one at `vocab_size`. On any error nothing new is left behind."""
+    import sentencepiece as spm
+
+    out = Path(out)
+    if val_docs < 1:
+        raise ValueError(f"val docs must be >= 1 (got {val_docs})")
+    if (tokenizer is None) == (vocab_size is None):
+        raise ValueError("give exactly one of --tokenizer MODEL (reuse) or --vocab-size V (train)")
+    old = shards_on_disk(out, "val") + shards_on_disk(out, "train")
+    if old and not force:
+        raise ValueError(f"{out} already holds {len(old)} shard(s); pass --force to replace them")
+    model = None
+    if tokenizer is not None:
+        model_path, sp = Path(tokenizer), load_sp(tokenizer)
+    else:
+        model_path = Path(tokenizer_dir) / f"{name}_{vocab_size}_bpe.model"
+        if model_path.exists() and not force:
+            raise ValueError(f"{model_path} exists; reuse it with --tokenizer {model_path}, pick another --name, or pass --force")
+        texts = tqdm(docs(), desc="tokenizer", unit="doc", disable=None)
+        model = train_tokenizer(itertools.islice(texts, tokenizer_train_docs), vocab_size)
+        sp = check_sp(spm.SentencePieceProcessor(model_proto=model), model_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        export_shards(docs(), sp, stage, val_docs, shard_tokens)
+        if model is not None:
+            save_tokenizer(model, model_path)
+        out.mkdir(exist_ok=True)
+        for f in old + [out / "manifest.json"]:
+            f.unlink(missing_ok=True)
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return build_manifest(out, model_path, source)
+
+
+def build_sample(out_root="data", vocab_size: int = 512, val_docs=None, force=False, shard_tokens=SHARD_TOKENS) -> dict:
+    """The offline sample: <out_root>/datasets/sample_sp<V>/ and <out_root>/tokenizers/sample_<V>_bpe.model."""
+    docs = sample_documents()
+    out_root = Path(out_root)
+    return build_dataset(
+        lambda: iter(docs), out_root / "datasets" / f"sample_sp{vocab_size}", val_docs or max(1, len(docs) // 10), "sample",
+        vocab_size=vocab_size, tokenizer_dir=out_root / "tokenizers", name="sample", shard_tokens=shard_tokens, force=force,
+    )
+
+
+# -----------------------------------------------------------------------------
+# download: the official cached shards
+
+
+def hub_fetcher(repo_id: str, remote_root: str = "datasets") -> Callable[[str], tuple[Path, bool]]:
+    """fetch(relative path) -> (local source file, may hard-link). A local directory stands in for the hub."""
+    root = remote_root.strip("/")
+
+    def remote(rel: str) -> str:
+        return f"{root}/{rel}" if root else rel
+
+    if Path(repo_id).is_dir():
+        def fetch(rel: str) -> tuple[Path, bool]:
+            src = Path(repo_id) / remote(rel)
+            if not src.is_file():
+                raise DataError(f"{src}: not found in the local remote {repo_id}")
+            return src, False
+        return fetch
+
+    from huggingface_hub import hf_hub_download
+
+    def fetch(rel: str) -> tuple[Path, bool]:
+        try:
+            return Path(hf_hub_download(repo_id=repo_id, filename=remote(rel), repo_type="dataset")).resolve(), True
+        except Exception as e:  # network / hub errors come in many classes; report them as one line
+            raise DataError(f"{repo_id}: download of {remote(rel)} failed ({type(e).__name__}: {e})") from None
+    return fetch
+
+
+def _place(src: Path, dest: Path, link: bool) -> None:
+    """Hard-link (hub cache) or copy src to dest, atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        if link:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem, or no hard links
+                link = False
+        if not link:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(variant="sp1024", train_shards=80, repo_id=None, remote_root="datasets", out_root="data", fetch=None) -> dict:
+    """All val shards + train shards 0..N-1 + the tokenizer into <out_root>/{datasets,tokenizers}/, then manifest.json."""
+    if not re.fullmatch(r"sp\d+", variant) or (repo_id is None and variant not in DEFAULT_REPOS):
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(DEFAULT_REPOS)} (or give --repo-id)")
+    if train_shards < 0:
+        raise ValueError(f"--train-shards must be >= 0 (got {train_shards})")
+    repo_id = repo_id or DEFAULT_REPOS[variant]
+    fetch = fetch or hub_fetcher(repo_id, remote_root)
+    src = fetch("manifest.json")[0]
+    try:
+        remote = json.loads(Path(src).read_text())
+        entries, tokenizers = ({x["name"]: x for x in remote[k]} for k in ("datasets", "tokenizers"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{src}: unreadable remote manifest ({type(e).__name__}: {e})") from None
+    name = f"fineweb10B_{variant}"
+    if name not in entries:
+        raise DataError(f"{repo_id}: no dataset {name} (it has: {', '.join(entries) or 'none'})")
+    entry, stats = entries[name], entries[name].get("stats", {})
+    tok = tokenizers.get(entry.get("tokenizer_name"), {})
+    if "model_path" not in tok or not {"files_val", "files_train"} <= stats.keys():
+        raise DataError(f"{src}: {name} lacks stats.files_val/files_train or a tokenizer with a model_path")
+    n_val, n_train = int(stats["files_val"]), int(stats["files_train"])
+    if train_shards > n_train:
+        raise ValueError(f"--train-shards {train_shards} > {n_train}: {repo_id} publishes only {n_train} train shards of {name}")
+    out_root = Path(out_root)
+    ds_dir, tok_dir, remote_ds = out_root / "datasets" / name, out_root / "tokenizers", entry.get("path") or f"datasets/{name}"
+    jobs = [(f"{remote_ds}/{shard_name('val', i)}", ds_dir / shard_name("val", i)) for i in range(n_val)]
+    jobs += [(f"{remote_ds}/{shard_name('train', i)}", ds_dir / shard_name("train", i)) for i in range(train_shards)]
+    jobs += [(tok[k], tok_dir / Path(tok[k]).name) for k in ("model_path", "vocab_path") if tok.get(k)]
+    for rel, dest in tqdm(jobs, desc=f"download {name}", unit="file", disable=None):
+        is_shard = dest.suffix == ".bin"
+        if is_shard and dest.is_file():
+            try:
+                read_shard_header(dest)
+                continue  # present and valid
+            except DataError:
+                pass  # broken local copy: fetch it again
+        src, link = fetch(rel)
+        if is_shard:
+            read_shard_header(src)  # a 0-byte or truncated remote file fails here, naming it
+        _place(src, dest, link)
+    return build_manifest(ds_dir, tok_dir / Path(tok["model_path"]).name, f"download:{repo_id}")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def run(a) -> str:
+    """Run one parsed subcommand; return its one-line summary."""
+    if a.cmd == "verify":
+        return verify(a.dir)
+    if a.cmd == "index":
+        try:
+            old = read_manifest(a.dir)
+        except DataError:
+            old = {}
+        tokenizer = a.tokenizer or old.get("tokenizer", {}).get("path")
+        if not tokenizer:
+            raise ValueError(f"{a.dir}: no manifest.json to take the tokenizer from; pass --tokenizer MODEL")
+        m, where = build_manifest(a.dir, tokenizer, a.source or old.get("source") or "index"), a.dir
+    elif a.cmd == "download":
+        m = download(a.variant, a.train_shards, a.repo_id, a.remote_root, a.out_root)
+        where = Path(a.out_root) / "datasets" / f"fineweb10B_{a.variant}"
+    elif a.cmd == "sample":
+        where = Path(a.out_root) / "datasets" / f"sample_sp{a.vocab_size}"
+        if (where / "manifest.json").is_file() and not a.force:
+            return f"sample: already prepared, {verify(where)}"  # deterministic, so re-running is a no-op
+        m = build_sample(a.out_root, a.vocab_size, a.val_docs, a.force, a.shard_tokens)
+    else:  # text / hf
+        if a.cmd == "text":
+            missing = [f for f in a.files if not Path(f).is_file()]
+            if missing:
+                raise ValueError(f"input file {missing[0]} not found")
+            docs, source = (lambda: iter_file_documents(a.files, a.text_field)), "text"
+        else:
+            docs = lambda: iter_hf_documents(a.name, a.config_name, a.split, a.data_files, a.text_field, a.max_docs)  # noqa: E731
+            source = f"hf:{a.name}"
+        m = build_dataset(docs, a.out, a.val_docs, source, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                          tokenizer_dir=a.tokenizer_dir, name=a.name_prefix, shard_tokens=a.shard_tokens, force=a.force,
+                          tokenizer_train_docs=a.tokenizer_train_docs)
+        where = a.out
+    v, t = m["splits"]["val"], m["splits"]["train"]
+    return (f"{m['source']}: {where}: val {v['docs']} docs {v['tokens']} tokens, train {t['docs']} docs {t['tokens']} tokens, "
+            f"val_bytes {m['val_bytes']}, vocab {m['vocab_size']}, tokenizer {m['tokenizer']['path']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("download", help="official cached shards from the Hugging Face hub")
+    d.add_argument("--variant", default="sp1024", help=f"one of {', '.join(DEFAULT_REPOS)}")
+    d.add_argument("--train-shards", type=int, default=80)
+    d.add_argument("--repo-id", help="HF dataset repo, or a local directory laid out like it")
+    d.add_argument("--remote-root", default="datasets")
+    d.add_argument("--out-root", default="data")
+
+    def pipeline_args(q):
+        tok = q.add_mutually_exclusive_group(required=True)
+        tok.add_argument("--tokenizer", help="reuse this SentencePiece .model")
+        tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size (official settings)")
+        q.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split")
+        q.add_argument("--out", required=True, help="dataset dir for the shards and manifest.json")
+        q.add_argument("--tokenizer-dir", default="data/tokenizers")
+        q.add_argument("--name", dest="name_prefix", default="custom", help="trained tokenizer: <tokenizer-dir>/<name>_<V>_bpe.model")
+        q.add_argument("--tokenizer-train-docs", type=int, help="train the tokenizer on the first N documents only")
+        q.add_argument("--text-field", default="text")
+        q.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+        q.add_argument("--force", action="store_true", help="replace existing shards / tokenizer")
+
+    t = sub.add_parser("text", help="shards from .txt (blank-line separated) and .jsonl files")
+    t.add_argument("files", nargs="+")
+    pipeline_args(t)
+
+    h = sub.add_parser("hf", help="shards from a Hugging Face dataset (streamed)")
+    h.add_argument("name")
+    h.add_argument("--config-name")
+    h.add_argument("--split", default="train")
+    h.add_argument("--data-files", nargs="+")
+    h.add_argument("--max-docs", type=int)
+    pipeline_args(h)
+
+    s = sub.add_parser("sample", help="built-in offline corpus (Python's help topics), seconds to build")
+    s.add_argument("--vocab-size", type=int, default=512)
+    s.add_argument("--val-docs", type=int, help="default: 10%% of the documents")
+    s.add_argument("--out-root", default="data")
+    s.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+    s.add_argument("--force", action="store_true")
+
+    i = sub.add_parser("index", help="write manifest.json for existing shards")
+    i.add_argument("dir")
+    i.add_argument("--tokenizer", help="default: the path in the existing manifest.json")
+    i.add_argument("--source", help="default: the existing manifest's source, else 'index'")
+
+    v = sub.add_parser("verify", help="re-hash shards against manifest.json")
+    v.add_argument("dir")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        print(run(args))
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared helpers for the tests: tiny run overrides, subprocess launch, log parsing."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:([-\d.naif]+) train_time:(\d+)ms step_avg:([\d.]+)ms")
+VAL_RE = re.compile(r"^step:(\d+)/(\d+) val_loss:([\d.]+) val_bpb:([\d.]+)")
+
+
+def tiny_args(sample: dict, **over) -> list[str]:
+    """A few-second CPU run on the sample data: tiny model, step-count schedule, no cap."""
+    base = dict(
+        data_path=sample["data_path"], tokenizer_path=sample["tokenizer_path"], vocab_size=sample["vocab_size"],
+        num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, train_seq_len=64, train_batch_tokens=1024,
+        virtual_world_size=2, iterations=6, warmdown_iters=3, warmup_steps=1, val_loss_every=0, train_log_every=1,
+        max_wallclock_seconds=0, val_batch_size=4096, autocast_dtype="fp32",
+    )
+    base.update(over)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def run_train(args: list[str], cwd: Path, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    for k in list(env):  # a developer's shell must not leak config into the test
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.upper() in CONFIG_ENV:
+            env.pop(k)
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    p = subprocess.run(launcher + [str(ROOT / "train_gpt.py")] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train_gpt.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(cwd: Path, run_id: str) -> str:
+    return (cwd / "logs" / f"{run_id}.txt").read_text()
+
+
+def train_losses(log: str) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for line in log.splitlines() if (m := STEP_RE.match(line))}
+
+
+def _config_env() -> set[str]:
+    sys.path.insert(0, str(ROOT))
+    import train_gpt
+
+    return {k.upper() for k in train_gpt.config_field_types()}
+
+
+CONFIG_ENV = _config_env()
