@@ -1003,7 +1003,7 @@ def main(argv: list[str]) -> None:
     val_stream = load_val_stream(val_files, cfg.vocab_size)
     for line in check_dataset(cfg, val_files, train_files, val_stream, int(sp.bos_id())):
         log(line)
-    val_tokens = torch.from_numpy(usable_val(val_stream, cfg.train_seq_len).astype(np.int64))
+    val_tokens = torch.from_numpy(usable_val(val_stream, cfg.train_seq_len).astype(np.int32))  # int64 per batch
     log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={Path(cfg.data_path) / 'fineweb_val_*.bin'} tokens:{val_tokens.numel() - 1}")
 
