@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -18,9 +19,8 @@ import random
 import subprocess
 import sys
 import time
-import typing
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,6 @@ SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 
 # -----------------------------------------------------------------------------
 # CONFIG
-
 
 @dataclass
 class Config:
@@ -62,18 +61,51 @@ class Config:
     val_batch_size: int = 524288
     val_loss_every: int = 1000
     train_log_every: int = 200
-    # model
+    # model (defaults = the baseline; every record technique is off until a config turns it on)
     vocab_size: int = 1024
+    bos_id: int = 1
     num_layers: int = 9
+    num_cores: int = 0  # distinct weight cores; layer i uses core i % num_cores (PR #526); 0 = num_layers
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: float = 2.0
+    mlp_act: str = "relu2"  # relu2 | lrelu2 | silu2 (squared activations)
+    mlp_leaky_slope: float = 0.5
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
+    ortho_init: bool = False  # Q, K, V, up and side projections orthogonal
+    embed_scale: bool = False  # learnable per-dim scale before the input norm (PR #1812)
     rope_base: float = 10000.0
+    rope_dims: int = 0  # rotary dims per head (records: 16 of 64); 0 = all
+    rope_ntk_len: int = 0  # NTK-rescale the base for windows longer than this (0 = off); SP1024-era scripts used 1024
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
+    qk_gain_split: bool = False  # separate q gains for rope and nope dims (PR #1812)
+    xsa_last_n: int = 0  # exclusive self attention on the last N layers
+    ln_scale: bool = False  # sublayer inputs scaled by 1/sqrt(layer+1)
+    skip_gates: bool = False  # sigmoid-gated U-Net skips
+    num_skips: int = -1  # -1 = min(encoder, decoder) of the longest layer schedule
+    smear: str = "none"  # none | v2 (per-dim gate after the norm) | v3 (input-dependent, additive)
+    gate_window: int = 12  # residual dims read by smear v3 and the sparse attention gates
+    bos_mask: bool = True  # smear/bigram never mix a token with the one before a BOS
+    bigram_buckets: int = 0  # BigramHash table rows (0 = off)
+    bigram_dim: int = 128
+    ve_layers: str = ""  # value embeddings on these layers, e.g. "9,10"
+    ve_dim: int = 128
+    attn_gate: str = "none"  # none | dense | sparse | out2 (per-head output gates)
+    attn_gate_scale: float = 1.0
+    parallel_start: int = -1  # parallel residuals from this layer (-1 = off)
+    parallel_mode: str = "two_lane"  # gptj | two_lane (learned routing) | lanes (PR #1334, lane_merge)
+    loop_start: int = -1  # depth recurrence: layers loop_start..loop_end run num_loops extra times
+    loop_end: int = -1
+    num_loops: int = 0
+    loop_at_frac: float = 0.0  # ...once this fraction of the training clock has passed
+    loop_at_step: int = 0  # ...or this step (0 = use loop_at_frac)
+    loop_ln_scale: bool = False  # looped layers' ln scale / sqrt(num_loops+1) (PR #1812)
+    core_grad_scale: bool = False  # shared cores get the mean of their layers' grads (PR #526)
+    attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | fa3 | sdpa
+    doc_attention: bool = False  # attention never crosses a BOS
     # optimizers
     embed_lr: float = 0.6
     head_lr: float = 0.008
@@ -82,14 +114,33 @@ class Config:
     scalar_lr: float = 0.04
     muon_momentum: float = 0.95
     muon_backend_steps: int = 5
+    muon_ns: str = "ns5"  # ns5 | polar (Polar Express coefficients)
+    muon_row_norm: bool = False  # MuonEq-R
+    muon_wd: float = 0.0
+    muon_wd_mlp: float = -1.0  # -1 = muon_wd
+    muon_momentum_dtype: str = "fp32"  # fp32 | bf16
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
+    muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
+    embed_wd: float = 0.0
+    adam_wd: float = 0.0
+    adam_matrix_patterns: str = ""  # 2-D params whose names contain these go to scalar AdamW, not Muon
     grad_clip_norm: float = 0.0
+    lr_schedule: str = "iter_warmdown"  # iter_warmdown | frac_warmdown | cosine
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
+    weight_average: str = "none"  # none | ema | swa: which average replaces the weights at the end
+    ema_decay: float = 0.997
+    swa_every: int = 50
+    swa_lr_threshold: float = 0.2
+    qat: bool = False  # late STE QAT on the bank matrices, on the export grid
+    qat_lr_threshold: float = 0.15
     control_tensor_name_patterns: str = (
-        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights"
+        "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,"
+        "skip_gates,attn_gate,smear,parallel_,lane_merge,embed_scale,bigram.scale,ve.scale,ve_layer_scales"
     )
     # runtime
     device: str = "auto"  # auto | cuda | cpu
@@ -97,40 +148,40 @@ class Config:
     compile: bool = True  # torch.compile(fullgraph) on CUDA; CPU always runs eager
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
-    # artifact
-    quant_scheme: str = "int8"
-    compressor: str = "zlib"
-
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
+@functools.cache
+def config_class() -> type:
+    """Config plus the knobs owned by quantize.py (QuantConfig) and ttt_eval.py (TTTConfig) when they
+    sit beside this file: one flat, typed namespace, each knob defined next to the code that reads it."""
+    extra = []
+    for mod, name in (("quantize", "QuantConfig"), ("ttt_eval", "TTTConfig")):
+        if (HERE / f"{mod}.py").is_file():
+            sys.path.insert(0, str(HERE)) if str(HERE) not in sys.path else None
+            extra += [(f.name, f.type, field(default=f.default)) for f in fields(getattr(importlib.import_module(mod), name))]
+    return make_dataclass("RunConfig", extra, bases=(Config,)) if extra else Config
 
 def config_field_types() -> dict[str, type]:
-    return {f.name: _TYPES[f.type] for f in fields(Config)}
-
+    return {f.name: _TYPES[f.type] for f in fields(config_class())}
 
 def _coerce(key: str, value, typ: type, source: str):
     bad = ValueError(f"config key '{key}' from {source}: {value!r} is not a valid {typ.__name__}")
     if isinstance(value, str) and typ is not str:
         s = value.strip().lower()
         if typ is bool:
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise bad
+            if s not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise bad
+            return s in ("1", "true", "yes", "on")
         try:
-            return typ(s) if typ is float else int(s)
+            return typ(s)
         except ValueError:
             raise bad from None
-    if typ is bool and type(value) is int and value in (0, 1):
-        return bool(value)
-    if typ is float and type(value) is int:
-        return float(value)
+    if (typ is bool and type(value) is int and value in (0, 1)) or (typ is float and type(value) is int):
+        return typ(value)
     if type(value) is not typ:
         raise bad
     return value
-
 
 def _check_key(key: str, types: dict, source: str) -> None:
     if key not in types:
@@ -138,16 +189,13 @@ def _check_key(key: str, types: dict, source: str) -> None:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ValueError(f"unknown config key '{key}' in {source}{hint}; see `python train_gpt.py --help`")
 
-
 def load_config(path: str | None = None, overrides: dict | None = None, environ=None) -> tuple[Config, dict]:
     """Resolve a Config; returns it and {key: source} for every key not left at its default."""
     types, values, sources = config_field_types(), {}, {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {path} not found")
-        if tomllib is None:
-            raise ValueError("reading TOML configs needs Python >= 3.11 (tomllib)")
+        if not p.is_file() or tomllib is None:
+            raise ValueError(f"config file {path} not found" if tomllib else "reading TOML configs needs Python >= 3.11 (tomllib)")
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -165,10 +213,9 @@ def load_config(path: str | None = None, overrides: dict | None = None, environ=
     for k, v in (overrides or {}).items():
         _check_key(k, types, "command-line flags")
         values[k], sources[k] = _coerce(k, v, types[k], f"--{k}"), "flag"
-    cfg = Config(**values)
+    cfg = config_class()(**values)
     validate_config(cfg)
     return cfg, sources
-
 
 def validate_config(c: Config) -> None:
     def need(ok: bool, msg: str):
@@ -187,48 +234,48 @@ def validate_config(c: Config) -> None:
     need(c.virtual_world_size >= 1, "virtual_world_size must be >= 1")
     need(c.train_seq_len >= 1 and c.train_batch_tokens >= c.train_seq_len, "train_batch_tokens must be >= train_seq_len")
     need(c.iterations >= 0 and c.warmup_steps >= 0, "iterations and warmup_steps must be >= 0")
-
-
-USAGE = """usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]
-  --dry-run      build the model, print model_params and the resolved config, exit
-  --resume CKPT  continue a run from a checkpoint written by this script
-config keys (env var = KEY in upper case):"""
-
+    need(0 <= c.num_cores <= c.num_layers, f"num_cores={c.num_cores} must be in 0..num_layers (0 = one core per layer)")
+    need(c.num_loops == 0 or 0 <= c.loop_start <= c.loop_end < c.num_layers, "loop_start..loop_end must be layers of the model")
+    need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
+         "parallel_start must come after the looped layers and the encoder half")
+    need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
+    for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
+                         ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
+                         ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
+                         ("weight_average", "none ema swa")):
+        need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
 
 def parse_cli(argv: list[str]) -> tuple[dict, dict]:
+    """--config FILE, --resume CKPT, --dry-run, --key=value (or --key value; a bare --flag is true)."""
     opts, overrides, i = {"config": None, "dry_run": False, "resume": None}, {}, 0
     while i < len(argv):
-        arg = argv[i]
-        i += 1
+        arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
-            print(USAGE)
-            for f in fields(Config):
-                print(f"  --{f.name}={f.default!r}  ({f.type})")
+            print("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n"
+                  "  --dry-run: print model_params and the resolved config; --resume: continue from a checkpoint\n"
+                  "config keys (env var = KEY in upper case):")
+            print("\n".join(f"  --{f.name}={f.default!r}  ({f.type})" for f in fields(config_class())))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument '{arg}': options look like --key=value")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if key == "dry_run":
-            opts["dry_run"] = _coerce(key, val, bool, "--dry-run") if eq else True
-            continue
         if not eq:
-            if i < len(argv) and not argv[i].startswith("--"):
+            if key != "dry_run" and i < len(argv) and not argv[i].startswith("--"):
                 val, i = argv[i], i + 1
-            elif config_field_types().get(key) is bool:
+            elif key == "dry_run" or config_field_types().get(key) is bool:
                 val = "1"
             else:
                 raise ValueError(f"option --{key} needs a value (--{key}=VALUE)")
-        if key in ("config", "resume"):
-            opts[key] = val
+        if key == "dry_run":
+            opts[key] = _coerce(key, val, bool, "--dry-run")
         else:
-            overrides[key] = val
+            (opts if key in ("config", "resume") else overrides)[key] = val
     return opts, overrides
 
 
 # -----------------------------------------------------------------------------
 # DISTRIBUTED RUNTIME
-
 
 @dataclass
 class Runtime:
@@ -237,24 +284,15 @@ class Runtime:
     local_rank: int
     device: torch.device
     grad_accum: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
+    is_main = property(lambda self: self.rank == 0)
+    distributed = property(lambda self: self.world_size > 1)
 
 def init_runtime(cfg: Config) -> Runtime:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.virtual_world_size % world != 0:
-        raise ValueError(
-            f"WORLD_SIZE={world} must divide virtual_world_size={cfg.virtual_world_size} "
-            "(grad_accum = virtual_world_size // WORLD_SIZE keeps the global batch fixed)"
-        )
+        raise ValueError(f"WORLD_SIZE={world} must divide virtual_world_size={cfg.virtual_world_size} "
+                         "(grad_accum = virtual_world_size // WORLD_SIZE keeps the global batch fixed)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but torch sees no CUDA GPU; use --device=cpu or auto")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -264,19 +302,14 @@ def init_runtime(cfg: Config) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+        dist.init_process_group(**(dict(backend="nccl", device_id=device) if use_cuda else dict(backend="gloo")))
         dist.barrier()
     return Runtime(rank, world, local_rank, device, cfg.virtual_world_size // world)
-
 
 def all_reduce_(t: Tensor, op=None) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -290,10 +323,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 FIX_HINT = "re-create it with `python data/prepare.py` (download / text / sample)"
 
-
 class DataError(ValueError):
     """Missing or corrupt data; the message names the file and what to do."""
-
 
 def read_shard_header(path) -> int:
     """Validate a shard's header against its size; return its token count."""
@@ -310,32 +341,23 @@ def read_shard_header(path) -> int:
         raise DataError(f"{p}: unsupported shard version {int(header[1])} (expected {SHARD_VERSION}); {FIX_HINT}")
     n = int(header[2])
     if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
-        raise DataError(
-            f"{p}: {size} bytes but the header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes): "
-            f"truncated or corrupt; {FIX_HINT}"
-        )
+        raise DataError(f"{p}: {size} bytes but the header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes): truncated or corrupt; {FIX_HINT}")
     return n
-
 
 def load_shard(path) -> np.ndarray:
     n = read_shard_header(path)
     return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
 
-
 def shard_files(data_path: str, split: str) -> list[Path]:
     files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not files:
-        raise DataError(
-            f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
-            "(or `python data/prepare.py sample` for the offline sample) and check data_path"
-        )
+        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
+                        "(or `python data/prepare.py sample` for the offline sample) and check data_path")
     return files
-
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise DataError(f"{where}: token id {int(tokens.max())} >= vocab_size {vocab_size}: data and tokenizer/vocab_size do not match")
-
 
 class TokenStream:
     """Reads the sorted shards in order, forever; its position is (file index, offset) for resume."""
@@ -368,7 +390,6 @@ class TokenStream:
         self._load(int(s["file_idx"]) % len(self.files))
         self.pos = int(s["pos"])
 
-
 class DistributedTokenLoader:
     """Each call takes world*(local+1) contiguous tokens; rank r keeps its slice. So a global step
     reads the same tokens in the same order at any (world size, grad_accum) split."""
@@ -385,77 +406,22 @@ class DistributedTokenLoader:
             t = t.pin_memory().to(self.rt.device, non_blocking=True)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
-
-def doc_hashes(tokens: np.ndarray, bos_id: int, k: int = 16) -> np.ndarray:
-    """64-bit fingerprint per BOS-started document: length plus its first and last k tokens."""
-    starts = np.flatnonzero(tokens == bos_id)
-    if starts.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    ends = np.append(starts[1:], tokens.size)
-    ar = np.arange(k)
-    first = np.minimum(starts[:, None] + ar, ends[:, None] - 1)
-    last = np.maximum(ends[:, None] - 1 - ar, starts[:, None])
-    cols = np.concatenate([tokens[first], tokens[last], (ends - starts)[:, None]], axis=1).astype(np.uint64)
-    h = np.full(starts.size, 14695981039346656037, dtype=np.uint64)  # FNV-1a over the columns
-    for j in range(cols.shape[1]):
-        h = (h ^ cols[:, j]) * np.uint64(1099511628211)
-    return h
-
-
-def check_dataset(cfg: Config, val_files: list[Path], train_files: list[Path], val_tokens: np.ndarray, bos_id: int) -> list[str]:
-    """Fail on a dataset that would make the score wrong: val count/hash differs from the manifest,
-    a shard in both splits, or val documents inside the train shards. Returns log lines."""
-    lines, root = [], Path(cfg.data_path)
-    mpath = root / "manifest.json"
-    val_sha = hashlib.sha256(val_tokens.tobytes()).hexdigest()
-    lines.append(f"dataset_fingerprint:val_sha256={val_sha[:16]} val_tokens:{val_tokens.size} val_shards:{len(val_files)}")
-    if mpath.is_file():
-        try:
-            m = json.loads(mpath.read_text())
-            splits = m["splits"]
-        except (ValueError, KeyError) as e:
-            raise DataError(f"{mpath}: unreadable manifest ({e}); re-run `python data/prepare.py index {root} --tokenizer {cfg.tokenizer_path}`") from None
-        if int(m.get("vocab_size", cfg.vocab_size)) != cfg.vocab_size or int(m.get("bos_id", bos_id)) != bos_id:
-            raise DataError(f"{mpath}: dataset vocab_size/bos_id {m.get('vocab_size')}/{m.get('bos_id')} != tokenizer's {cfg.vocab_size}/{bos_id}")
-        tok_sha = m.get("tokenizer", {}).get("sha256")
-        if tok_sha and tok_sha != hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest():
-            raise DataError(
-                f"{cfg.tokenizer_path} is not the tokenizer these shards were made with (sha256 differs from {mpath}): "
-                "val_bpb would count the wrong bytes; point tokenizer_path at the dataset's tokenizer"
-            )
-        if int(m.get("val_tokens", val_tokens.size)) != val_tokens.size:
-            raise DataError(
-                f"{root}: val shards hold {val_tokens.size} tokens but the manifest says {m['val_tokens']}: "
-                "val split is not the one the manifest describes; re-download or re-prepare it"
-            )
-        if m.get("val_sha256") and m["val_sha256"] != val_sha:
-            raise DataError(f"{root}: val tokens do not match the manifest's val_sha256: corrupt or replaced val shards")
-        names = {s: {d["file"] for d in splits.get(s, {}).get("shards", [])} for s in ("val", "train")}
-        hashes = {s: {d.get("sha256") for d in splits.get(s, {}).get("shards", [])} - {None} for s in ("val", "train")}
-        if names["val"] & names["train"] or hashes["val"] & hashes["train"]:
-            raise DataError(f"{mpath}: a shard appears in both the train and val splits")
-        lines.append(f"dataset_manifest:{mpath} val_docs:{splits['val'].get('docs')} val_bytes:{m.get('val_bytes')}")
-    else:
-        lines.append(f"dataset_manifest:none ({mpath} missing; record one with `python data/prepare.py index {root} --tokenizer {cfg.tokenizer_path}`)")
-    if cfg.data_check_train_shards > 0:
-        vh = doc_hashes(val_tokens, bos_id)
-        th = np.concatenate([doc_hashes(load_shard(f), bos_id) for f in train_files[: cfg.data_check_train_shards]])
-        hit = np.isin(vh, th)  # a few exact duplicates are normal in web text; a leak is many
-        if hit.sum() > max(5, 0.02 * vh.size):
-            raise DataError(
-                f"{root}: {int(hit.sum())}/{vh.size} val documents also occur in the first "
-                f"{cfg.data_check_train_shards} train shard(s): train/val leak; rebuild the shards with disjoint splits"
-            )
-        lines.append(f"dataset_disjoint:val_docs_in_train={int(hit.sum())}/{vh.size} train_shards_checked:{min(len(train_files), cfg.data_check_train_shards)}")
-    return lines
-
+def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], bos_id: int) -> list[str]:
+    """The integrity check lives with the manifest format in data/prepare.py; a record folder that
+    ships only the three scripts skips it (and says so)."""
+    path = HERE / "data" / "prepare.py"
+    if not path.is_file():
+        return [f"dataset_check:skipped ({path} not found)"]
+    spec = importlib.util.spec_from_file_location("pgolf_prepare", path)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards)
 
 def load_val_stream(files: list[Path], vocab_size: int) -> np.ndarray:
     """All val shards in sorted order (the whole stream, before any truncation)."""
     tokens = np.concatenate([load_shard(f) for f in files])
     check_token_range(tokens, vocab_size, files[0].parent)
     return tokens
-
 
 def usable_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """Baseline scoring set: whole windows of seq_len; the tail past the last window is dropped."""
@@ -467,7 +433,6 @@ def usable_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 # -----------------------------------------------------------------------------
 # BYTE ACCOUNTING: val_bpb = sum NLL / (ln 2 * sum bytes of the SentencePiece-normalised text)
-
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token (base_bytes, has_leading_space, is_boundary); ids past the model's vocab are boundaries."""
@@ -488,17 +453,14 @@ def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.nda
         base[i] = len(piece.encode("utf-8"))
     return base, space, boundary
 
-
 def target_bytes(prev_ids, tgt_ids, luts):
     """Bytes of each target: its base bytes, +1 for a leading space unless the previous token is a boundary.
     Works on numpy arrays or torch tensors (luts of the same kind)."""
     base, space, boundary = luts
     return base[tgt_ids] + (space[tgt_ids] & ~boundary[prev_ids])
 
-
 def bits_per_byte(nll_sum: float, byte_sum: float) -> float:
     return nll_sum / (math.log(2.0) * byte_sum)
-
 
 def load_tokenizer(cfg: Config):
     import sentencepiece as spm
@@ -513,148 +475,335 @@ def load_tokenizer(cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# MODEL: the baseline GPT (RMSNorm, GQA attention with QK-norm + RoPE, relu^2 MLP, U-Net skips)
+# MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
+# 3-D banks (one slice per weight core) so Muon can shard whole matrices across ranks.
 
+try:  # FlashAttention 3 (Hopper); anything else uses torch SDPA
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+CAPTURE = None  # set by GPTQ calibration: called as CAPTURE(weight_name, input) for every named matmul
 
-class CastedLinear(nn.Linear):
-    """fp32 master weight, cast to the activation dtype at matmul time."""
-
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
-        super().__init__(in_features, out_features, bias=False)
-        if zero_init:
-            nn.init.zeros_(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
+def linear(x: Tensor, w: Tensor, name: str | None = None) -> Tensor:
+    if CAPTURE is not None and name is not None:
+        CAPTURE(name, x)
+    return F.linear(x, w.to(x.dtype))
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
+def row_scale(w: Tensor, bits: int, rule: str = "max", k: float = 0.0) -> Tensor:
+    """Per-row step of the symmetric grid [-r, r]*s, r = 2^(bits-1)-1, clip = row max or k * row std,
+    stored as fp16 rounded up (so r*s still covers the clip): exactly the step quantize.py exports."""
+    clip = w.float().abs().amax(-1) if rule == "max" else k * torch.nan_to_num(w.float().std(-1))
+    s = (clip / (2 ** (bits - 1) - 1)).clamp(2.0**-24, 65504.0)
+    h = s.half()
+    return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, 65504.0)), h).float().unsqueeze(-1)
 
-class Rotary(nn.Module):
-    # cos/sin are recomputed per call (cheap, folded by compile): a cache filled under
-    # inference_mode would later break backward through it (TTT pitfall).
-    def __init__(self, dim: int, base: float):
-        super().__init__()
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim), persistent=False)
+def fake_quant(w: Tensor, bits: int, rule: str, k: float, mix: Tensor) -> Tensor:
+    """STE: forward sees the export grid when mix=1; gradients pass straight through. mix is a
+    tensor so turning QAT on never recompiles (a Python flag is constant-folded by compile)."""
+    r = 2 ** (bits - 1) - 1
+    s = row_scale(w.detach(), bits, rule, k)
+    q = (torch.clamp(torch.round(w.detach().float() / s), -r, r) * s).to(w.dtype)
+    return w + mix.to(w.dtype) * (q - w.detach())
 
-    def forward(self, seq_len: int, device) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-        return freqs.cos()[None, None], freqs.sin()[None, None]
+def attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor | None = None) -> Tensor:
+    """The one attention path (train, eval, TTT). (B,T,H,D) in and out; GQA when k/v have fewer heads.
+    doc: per-token document ids; tokens then attend only within their own document."""
+    if _fa3 is not None and q.is_cuda and doc is None and q.dtype == torch.bfloat16:
+        return _fa3(q, k, v, causal=True)
+    mask = None
+    if doc is not None:
+        T = q.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
 
+def attention_backend(cfg: Config, device: torch.device) -> str:
+    if cfg.attn_backend == "fa3" and _fa3 is None:
+        raise ValueError("attn_backend=fa3 but flash_attn_interface is not importable; install FA3 or use attn_backend=auto")
+    if _fa3 is not None and device.type == "cuda" and cfg.attn_backend != "sdpa" and not cfg.doc_attention:
+        return "fa3"
+    return "sdpa"
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The one attention path for training, eval and TTT. q: (B,H,T,D), k/v: (B,KV,T,D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        d, self.h, self.kv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
-        self.hd = d // self.h
-        self.c_q = CastedLinear(d, d)
-        self.c_k = CastedLinear(d, self.kv * self.hd)
-        self.c_v = CastedLinear(d, self.kv * self.hd)
-        self.proj = CastedLinear(d, d, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.hd, cfg.rope_base)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
-        q = self.c_q(x).view(B, T, self.h, self.hd).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv, self.hd).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv, self.hd).transpose(1, 2)
-        cos, sin = self.rotary(T, x.device)
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
-        y = attention(q.to(v.dtype), k.to(v.dtype), v)  # norms may run in fp32 under autocast; keep SDPA in bf16
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = CastedLinear(cfg.model_dim, hidden)
-        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
-
+def layer_order(cfg: Config, looping: bool) -> list[int]:
+    """Virtual layer schedule: loop_start..loop_end repeated num_loops extra times once looping is on."""
+    order = list(range(cfg.num_layers))
+    if looping and cfg.num_loops > 0:
+        a, b = cfg.loop_start, cfg.loop_end + 1
+        order = order[:a] + order[a:b] * (cfg.num_loops + 1) + order[b:]
+    return order
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    """Per-layer scalars and gates; the matrices come from the GPT's banks (core = i % num_cores)."""
+
+    def __init__(self, cfg: Config, i: int):
         super().__init__()
-        d = cfg.model_dim
-        self.attn, self.mlp = CausalSelfAttention(cfg), MLP(cfg)
+        d, H = cfg.model_dim, cfg.num_heads
+        self.i, self.core = i, i % (cfg.num_cores or cfg.num_layers)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        ln = 1 / math.sqrt(i + 1) if cfg.ln_scale else 1.0
+        if cfg.loop_ln_scale and cfg.loop_start <= i <= cfg.loop_end:
+            ln /= math.sqrt(cfg.num_loops + 1)
+        self.ln = ln
+        self.xsa = i >= cfg.num_layers - cfg.xsa_last_n
+        self.parallel = 0 <= cfg.parallel_start <= i
+        if cfg.attn_gate == "dense":
+            self.attn_gate_w = nn.Parameter(torch.randn(H, d) * 0.005)
+        elif cfg.attn_gate in ("sparse", "out2"):
+            self.attn_gate_w = nn.Parameter(torch.zeros(H, cfg.gate_window))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
 
+    def attn(self, g: "GPT", x: Tensor, ctx: dict) -> Tensor:
+        cfg, c, U = g.cfg, self.core, g.n_cores
+        B, T, _ = x.shape
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, g.head_dim
+        u = self.ln * rms_norm(x)
+        pre = f"blocks.{c}.attn."
+        q = linear(u, g.mat(g.qo_bank, c, "attn"), pre + "c_q.weight").view(B, T, H, D)
+        k = linear(u, g.mat(g.kv_bank, c, "attn"), pre + "c_k.weight").view(B, T, KV, D)
+        v = linear(u, g.mat(g.kv_bank, U + c, "attn"), pre + "c_v.weight")
+        if self.i in g.ve_layers:
+            v = v + g.ve_layer_scales[g.ve_layers.index(self.i)].to(v.dtype) * ctx["ve"]
+        v = v.view(B, T, KV, D)
+        cos, sin = ctx["rope"]
+        q, k = g.rotate(rms_norm(q), cos, sin), g.rotate(rms_norm(k), cos, sin)
+        gain = g.q_gain[c].to(q.dtype)  # (H, 1) or (H, 2): rope / nope dims
+        rd = g.rope_dims
+        q = torch.cat((q[..., :rd] * gain[:, :1], q[..., rd:] * gain[:, -1:]), -1) if gain.size(1) == 2 else q * gain
+        y = attention(q.to(v.dtype), k.to(v.dtype), v, ctx.get("doc"))
+        if self.xsa:  # drop the part of each head's output along its own token's value direction
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            yg = y.view(B, T, KV, H // KV, D)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if cfg.attn_gate != "none":
+            gin = u if cfg.attn_gate == "dense" else u[..., : cfg.gate_window]
+            z = linear(gin, self.attn_gate_w)
+            gate = 2 * torch.sigmoid(z) if cfg.attn_gate == "out2" else torch.sigmoid(cfg.attn_gate_scale * z)
+            y = y * gate.unsqueeze(-1).to(y.dtype)
+        return self.attn_scale.to(x.dtype) * linear(y.reshape(B, T, H * D), g.mat(g.qo_bank, U + c, "attn"), pre + "proj.weight")
+
+    def mlp(self, g: "GPT", x: Tensor) -> Tensor:
+        c, cfg = self.core, g.cfg
+        h = linear(self.ln * rms_norm(x), g.mat(g.mlp_up_bank, c, "mlp"), f"blocks.{c}.mlp.fc.weight")
+        if cfg.mlp_act == "relu2":
+            h = F.relu(h).square()
+        elif cfg.mlp_act == "lrelu2":
+            h = F.leaky_relu(h, cfg.mlp_leaky_slope).square()
+        else:
+            h = F.silu(h).square()
+        return self.mlp_scale.to(x.dtype) * linear(h, g.mat(g.mlp_down_bank, c, "mlp"), f"blocks.{c}.mlp.proj.weight")
+
+    def forward(self, g: "GPT", x: Tensor, x0: Tensor, ctx: dict) -> Tensor:
+        x = self.mix(x, x0)
+        if self.parallel and g.cfg.parallel_mode == "gptj":  # one stream, both branches read the same input
+            return x + self.attn(g, x, ctx) + self.mlp(g, x)
+        x = x + self.attn(g, x, ctx)
+        return x + self.mlp(g, x)
+
+    def lanes(self, g: "GPT", l0: Tensor, l1: Tensor, x0: Tensor, ctx: dict) -> tuple[Tensor, Tensor]:
+        if g.cfg.parallel_mode == "lanes":  # PR #1334: each lane only ever sees its own sublayer
+            a = self.mix(l0, x0)
+            return a + self.attn(g, a, ctx), l1 + self.mlp(g, l1)
+        A, M = self.attn(g, self.mix(l0, x0), ctx), self.mlp(g, l1)  # SOTA: learned routing
+        r, P = g.parallel_resid_lambdas[self.i].to(A.dtype), g.parallel_post_lambdas[self.i].to(A.dtype)
+        return r[0] * l0 + P[0, 0] * A + P[1, 0] * M, r[1] * l1 + P[0, 1] * A + P[1, 1] * M
 
 class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.n_enc = cfg.num_layers // 2
-        self.n_dec = cfg.num_layers - self.n_enc
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, self.n_dec), cfg.model_dim))
-        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
-        if cfg.tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        d, V, L = cfg.model_dim, cfg.vocab_size, cfg.num_layers
+        U = self.n_cores = cfg.num_cores or L
+        self.head_dim = D = d // cfg.num_heads
+        kv, hid = cfg.num_kv_heads * D, int(cfg.mlp_mult * d)
+        self.rope_dims = cfg.rope_dims or D
+        self.tok_emb = nn.Embedding(V, d)
+        self.qo_bank = nn.Parameter(torch.empty(2 * U, d, d))  # [Q_0..Q_U-1, O_0..O_U-1]
+        self.kv_bank = nn.Parameter(torch.empty(2 * U, kv, d))  # [K..., V...]
+        self.mlp_up_bank = nn.Parameter(torch.empty(U, hid, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(U, d, hid))
+        self.q_gain = nn.Parameter(torch.full((U, cfg.num_heads, 2 if cfg.qk_gain_split else 1), cfg.qk_gain_init))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.looping = False
+        orders = [layer_order(cfg, False), layer_order(cfg, True)]
+        self.n_skips = cfg.num_skips if cfg.num_skips >= 0 else max(min(len(o) // 2, len(o) - len(o) // 2) for o in orders)
+        self.skip_weights = nn.Parameter(torch.ones(self.n_skips, d))
+        if cfg.skip_gates:
+            self.skip_gates = nn.Parameter(torch.zeros(self.n_skips, d))
+        if cfg.embed_scale:
+            self.embed_scale = nn.Parameter(torch.ones(d))
+        if cfg.smear == "v2":
+            self.smear_w = nn.Parameter(torch.zeros(d))
+        elif cfg.smear == "v3":
+            self.smear_w = nn.Parameter(torch.zeros(1, cfg.gate_window))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.bigram_buckets:
+            self.bigram = nn.Module()
+            self.bigram.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+            self.bigram.proj = nn.Parameter(torch.zeros(d, cfg.bigram_dim))
+            self.bigram.scale = nn.Parameter(torch.tensor(0.05))
+        self.ve_layers = [int(s) for s in cfg.ve_layers.split(",") if s.strip()]
+        if self.ve_layers:
+            self.ve = nn.Module()
+            self.ve.table = nn.Embedding(V, cfg.ve_dim)
+            self.ve.proj = nn.Parameter(torch.zeros(kv, cfg.ve_dim))
+            self.ve.scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        if cfg.parallel_start >= 0 and cfg.parallel_mode == "two_lane":
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        elif cfg.parallel_start >= 0 and cfg.parallel_mode == "lanes":
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.zeros(V, d))
+        self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+        self.register_buffer("core_uses", torch.bincount(torch.arange(L) % U, minlength=U).float(), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg, U = self.cfg, self.n_cores
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0)
+        # Q, K, V, up: orthogonal (PR #65+) or nn.Linear's default U(+-1/sqrt(fan_in)); O and down start at zero
+        for bank, n in ((self.qo_bank, U), (self.kv_bank, 2 * U), (self.mlp_up_bank, U)):
+            for j in range(n):
+                nn.init.orthogonal_(bank[j]) if cfg.ortho_init else nn.init.uniform_(bank[j], -bank.size(2) ** -0.5, bank.size(2) ** -0.5)
+        self.qo_bank[U:].zero_()
+        self.mlp_down_bank.zero_()
+        if cfg.bigram_buckets:
+            self.bigram.table.weight.zero_()
+            nn.init.orthogonal_(self.bigram.proj) if cfg.ortho_init else None
+        if self.ve_layers:
+            nn.init.normal_(self.ve.table.weight, std=0.01)
+            nn.init.orthogonal_(self.ve.proj) if cfg.ortho_init else None
+
+    def mat(self, bank: Tensor, j: int, group: str) -> Tensor:
+        """A bank slice, seen through the late-QAT fake quantizer when qat is configured."""
+        cfg = self.cfg
+        if not cfg.qat:
+            return bank[j]
+        bits, k = (cfg.quant_bits_attn, cfg.sdclip_k_attn) if group == "attn" else (cfg.quant_bits_mlp, cfg.sdclip_k_mlp)
+        return fake_quant(bank[j], bits, "sdclip" if cfg.quant_clip == "sdclip" else "max", k, self.qat_mix)
+
+    def rope(self, T: int, device) -> tuple[Tensor, Tensor]:
+        # cos/sin are rebuilt per call (folded by compile): a cache filled under inference_mode would
+        # later break backward through it (the TTT pitfall). NTK rescaling is keyed to the configured
+        # length, never to a hard-coded 1024 or a packed row.
+        rd, base, ntk = self.rope_dims, self.cfg.rope_base, self.cfg.rope_ntk_len
+        if ntk and T > ntk:
+            base = base * (T / ntk) ** (rd / (rd - 2))
+        inv = base ** (-torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd)
+        f = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv)
+        return f.cos()[None, :, None, :], f.sin()[None, :, None, :]
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        rd = self.rope_dims
+        h = rd // 2
+        x1, x2, rest = x[..., :h], x[..., h:rd], x[..., rd:]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), -1)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token embedding (+ BigramHash, SmearGate) -> x0. The BOS mask keeps every previous-token
+        term from crossing a document start in a packed stream."""
+        cfg = self.cfg
+        x = self.tok_emb(ids)
+        keep = (ids != cfg.bos_id).unsqueeze(-1) if cfg.bos_mask else torch.ones_like(ids, dtype=torch.bool).unsqueeze(-1)
+        if cfg.embed_scale:
+            x = x * self.embed_scale
+        if cfg.bigram_buckets:
+            B = cfg.bigram_buckets
+            cur, prev = ids.int(), F.pad(ids[:, :-1], (1, 0)).int()
+            h = ((36313 * cur) ^ (27191 * prev)) % (B - 1)
+            h[:, 0] = B - 1  # reserved bucket: no previous token
+            h = torch.where(keep.squeeze(-1), h, B - 1)
+            x = x + self.bigram.scale.to(x.dtype) * linear(self.bigram.table(h.long()), self.bigram.proj)
+        if cfg.smear == "v3":  # input-dependent, additive, identity at init
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+            gate = torch.sigmoid(linear(x[..., : cfg.gate_window], self.smear_w))
+            x = x + self.smear_lambda.to(x.dtype) * gate * prev * keep
+        x = rms_norm(x)
+        if cfg.smear == "v2":
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+            x = x + keep * torch.sigmoid(self.smear_w).to(x.dtype) * (prev - x)
+        return x
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B,T,V) when target_ids is None, else cross-entropy (mean, or per token with reduction='none')."""
-        x = rms_norm(self.tok_emb(input_ids))
-        x0, skips = x, []
-        for block in self.blocks[: self.n_enc]:
-            x = block(x, x0)
-            skips.append(x)
-        for i, block in enumerate(self.blocks[self.n_enc :]):
-            if skips:  # U-Net: decoder block i takes the mirrored encoder output (LIFO)
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+        cfg = self.cfg
+        x = x0 = self.embed(input_ids)
+        ctx = {"rope": self.rope(input_ids.size(1), input_ids.device)}
+        if cfg.doc_attention:
+            ctx["doc"] = torch.cumsum(input_ids == cfg.bos_id, dim=1)
+        if self.ve_layers:
+            ctx["ve"] = self.ve.scale.to(x.dtype) * linear(self.ve.table(input_ids), self.ve.proj)
+        order = layer_order(cfg, self.looping)
+        n_enc, skips, lanes = len(order) // 2, [], None
+        for pos, i in enumerate(order):
+            blk = self.blocks[i]
+            two = blk.parallel and cfg.parallel_mode != "gptj"
+            lanes = lanes or ([x, x] if two else None)  # both lanes start from the stream
+            if pos >= n_enc and pos - n_enc < self.n_skips and skips:  # U-Net: mirrored encoder output (LIFO)
+                k, s = pos - n_enc, skips.pop() * self.skip_weights[pos - n_enc].to(x.dtype)
+                cur = lanes[0] if two else x  # with lanes, the skip feeds the attention lane only
+                cur = torch.lerp(s, cur, torch.sigmoid(self.skip_gates[k]).to(x.dtype)) if cfg.skip_gates else cur + s
+                lanes, x = ([cur, lanes[1]], x) if two else (lanes, cur)
+            if two:
+                lanes = list(blk.lanes(self, lanes[0], lanes[1], x0, ctx))
+            else:
+                x = blk(self, x, x0, ctx)
+            if pos < n_enc:
+                skips.append(x)
+        if lanes is not None:
+            x = (lanes[0] + lanes[1]) / 2 if cfg.parallel_mode == "two_lane" else torch.lerp(lanes[1], lanes[0], self.lane_merge.to(x.dtype))
         x = rms_norm(x)
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w.to(x.dtype))
-        cap = self.cfg.logit_softcap
-        logits = cap * torch.tanh(logits / cap)
+        logits = linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head, "tok_emb.weight" if self.lm_head is None else "lm_head")
+        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         if target_ids is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction=reduction)
 
+BANKS = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"), "mlp_up_bank": ("mlp.fc",), "mlp_down_bank": ("mlp.proj",)}
+
+def unbank(state: dict) -> dict:
+    """Per-core 2-D matrices under the classic names (blocks.{core}.attn.c_q.weight, ...): what
+    quantization, GPTQ and name-based selection see."""
+    out = {k: v for k, v in state.items() if k not in BANKS}
+    for name, parts in BANKS.items():
+        t, n = state[name], state[name].size(0) // len(parts)
+        for j, part in enumerate(parts):
+            for c in range(n):
+                out[f"blocks.{c}.{part}.weight"] = t[j * n + c]
+    return out
+
+def rebank(state: dict) -> dict:
+    out = {k: v for k, v in state.items() if not (k.startswith("blocks.") and k.endswith(".weight"))}
+    for name, parts in BANKS.items():
+        n = sum(1 for k in state if k.endswith(f".{parts[0]}.weight"))
+        out[name] = torch.stack([state[f"blocks.{c}.{part}.weight"] for part in parts for c in range(n)])
+    return out
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def flops_per_token(cfg: Config, model: nn.Module) -> float:
-    """Training FLOPs per token: 6 x matmul weights (incl. the output head) + causal attention
-    (QK^T and AV average seq_len/2 keys per query: 6 * L * T * d for forward + backward)."""
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks."))
-    matmul += cfg.vocab_size * cfg.model_dim
-    return 6.0 * matmul + 6.0 * cfg.num_layers * cfg.train_seq_len * cfg.model_dim
+def flops_per_token(cfg: Config, model: GPT) -> float:
+    """Training FLOPs per token: 6 x matmul weights applied per token (shared cores count once per
+    pass, the output head included) + causal attention 6 * T * d per layer pass (QK^T and AV over
+    seq_len/2 keys on average, forward + backward). Uses the looped schedule when looping is on."""
+    passes = layer_order(cfg, cfg.num_loops > 0)
+    per_core = sum(b[0].numel() for b in (model.qo_bank, model.kv_bank)) * 2 + model.mlp_up_bank[0].numel() * 2
+    return 6.0 * (len(passes) * per_core + cfg.vocab_size * cfg.model_dim) + 6.0 * len(passes) * cfg.train_seq_len * cfg.model_dim
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
@@ -664,143 +813,274 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # -----------------------------------------------------------------------------
-# OPTIMIZERS: Muon for block matrices, Adam for embeddings and scalars
+# OPTIMIZERS: Parallel Muon over the banks, AdamW for the rest, schedules, weight averaging
 
-NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+NS5 = ((3.4445, -4.7750, 2.0315),)
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462), (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393), (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
-
-def newton_schulz5(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal polar factor of G (quintic Newton-Schulz, in bf16)."""
-    a, b, c = NS5_COEFFS
+def orthogonalize(G: Tensor, steps: int, coeffs: str = "ns5", eps: float = 1e-7) -> Tensor:
+    """Approximate polar factor of every matrix in G (..., rows, cols), in bf16: quintic Newton-Schulz
+    or Polar Express (one tuple per step; more than 5 steps still runs its 5 tuples, as the records did)."""
     X = G.bfloat16()
-    X = X / (X.norm() + eps)
-    transposed = G.size(0) > G.size(1)
-    if transposed:
-        X = X.T
-    for _ in range(steps):
-        A = X @ X.T
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    tr = G.size(-2) > G.size(-1)
+    if tr:
+        X = X.mT
+    for a, b, c in (NS5 * steps if coeffs == "ns5" else POLAR_EXPRESS[:steps]):
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
-
-
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised, scaled by sqrt(max(1, rows/cols)). Matrix i is owned by
-    rank i % world: only the owner keeps momentum and runs Newton-Schulz; one all-reduce of the
-    flat update buffer hands every rank all updates (no collective at world size 1)."""
-
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0, world_size: int = 1):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
-        self.rank, self.world_size = rank, world_size
-        self._ns = newton_schulz5
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            lr, mom = group["lr"], group["momentum"]
-            # NS output is bf16, so an fp32 buffer is exact; gloo cannot reduce bf16.
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(mom).add_(p.grad)
-                    g = self._ns(p.grad.add(buf, alpha=mom), group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = g.reshape(-1)
-                offset += p.numel()
-            if self.world_size > 1:
-                all_reduce_(flat)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
-                offset += p.numel()
-
-    def gather_buffers(self) -> list[Tensor]:
-        """Every momentum buffer, on every rank (for world-size-independent checkpoints)."""
-        out = []
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                buf = self.state[p].get("momentum_buffer")
-                buf = buf.clone() if buf is not None else torch.zeros_like(p)
-                if self.world_size > 1:
-                    dist.broadcast(buf, src=i % self.world_size)
-                out.append(buf)
-        return out
-
-    def load_buffers(self, bufs: list[Tensor]) -> None:
-        idx = 0
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if i % self.world_size == self.rank:
-                    self.state[p]["momentum_buffer"] = bufs[idx].to(p.device, p.dtype).clone()
-                idx += 1
-
+    return X.mT if tr else X
 
 def param_groups(model: nn.Module, cfg: Config) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Every trainable parameter goes to exactly one group: embed, head, matrix (Muon) or scalar."""
+    """embed (embedding tables), head, bank (3-D Muon banks), matrix (other 2-D -> Muon), scalar."""
     control = [s for s in cfg.control_tensor_name_patterns.split(",") if s]
-    groups = {"embed": [], "head": [], "matrix": [], "scalar": []}
+    to_adam = [s for s in cfg.adam_matrix_patterns.split(",") if s]
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups = {k: [] for k in ("embed", "head", "bank", "matrix", "scalar")}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name == "tok_emb.weight":
-            groups["embed"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        elif p.ndim == 2 and name.startswith("blocks.") and not any(c in name for c in control):
-            groups["matrix"].append((name, p))
+        if id(p) in tables:
+            k = "embed"
+        elif name == "lm_head":
+            k = "head"
+        elif name in BANKS:
+            k = "bank"
+        elif p.ndim == 2 and not any(c in name for c in control + to_adam):
+            k = "matrix"
         else:
-            groups["scalar"].append((name, p))
-    seen = [id(p) for g in groups.values() for _, p in g]
-    trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    if sorted(seen) != sorted(trainable) or len(set(seen)) != len(seen):
-        raise RuntimeError("optimizer groups do not cover every trainable parameter exactly once")
+            k = "scalar"
+        groups[k].append((name, p))
     return groups
 
+def _all_gather(out: Tensor, inp: Tensor, async_op: bool = False):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    return fn(out, inp, async_op=async_op)
 
-def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[list[torch.optim.Optimizer], Muon]:
-    groups = param_groups(model, cfg)
-    adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.device.type == "cuda")
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [(groups["embed"], embed_lr), (groups["head"], cfg.head_lr), (groups["scalar"], cfg.scalar_lr)]
-    adams = [
-        torch.optim.Adam([{"params": [p for _, p in g], "lr": lr, "base_lr": lr}], **adam_kw)
-        for g, lr in adam_groups
-        if g
-    ]
-    muon = Muon([p for _, p in groups["matrix"]], cfg.matrix_lr, cfg.muon_momentum, cfg.muon_backend_steps, rt.rank, rt.world_size)
-    for g in muon.param_groups:
-        g["base_lr"] = cfg.matrix_lr
-    return adams + [muon], muon
+def _reduce_scatter(out: Tensor, inp: Tensor, async_op: bool = False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, inp, async_op=async_op)
 
+class Optimizer:
+    """Owns every parameter and its communication (no DDP). After backward, bank gradients are
+    padded to a multiple of the world size and reduce-scattered, so each rank owns whole matrices and
+    runs Muon on them alone; the other gradients go in one flat all-reduce and AdamW steps while the
+    scatters are in flight; then each rank all-gathers the orthogonalised bank updates. At world size 1
+    the same code runs with no collective."""
+
+    def __init__(self, model: "GPT", cfg: Config, rt: Runtime):
+        self.cfg, self.rt, self.model = cfg, rt, model
+        G = param_groups(model, cfg)
+        kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.device.type == "cuda")
+        embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+        spec = (("embed", embed_lr, cfg.embed_wd), ("head", cfg.head_lr, 0.0), ("scalar", cfg.scalar_lr, cfg.adam_wd))
+        self.adams = [torch.optim.AdamW([{"params": [p for _, p in G[k]], "lr": lr, "base_lr": lr}], weight_decay=wd, **kw)
+                      for k, lr, wd in spec if G[k]]
+        self.banks, self.mats = G["bank"], G["matrix"]
+        self.replicated = [p for k in ("embed", "head", "scalar", "matrix") for _, p in G[k]]
+        dt = torch.bfloat16 if cfg.muon_momentum_dtype == "bf16" else torch.float32
+        W = rt.world_size
+        self.mom = {n: torch.zeros(-(-p.size(0) // W), *p.shape[1:], device=p.device, dtype=dt) for n, p in self.banks}
+        self.mom.update({n: torch.zeros_like(p, dtype=dt) for n, p in self.mats})
+        self.comm_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32  # gloo lacks bf16
+        self.ns = orthogonalize
+        self.check(model)
+
+    def check(self, model: nn.Module) -> None:
+        """Every trainable parameter is stepped by exactly one optimizer (a SmearGate that no group
+        collected was an exact no-op in a merged record)."""
+        mine = [id(p) for o in self.adams for g in o.param_groups for p in g["params"]]
+        mine += [id(p) for _, p in self.banks + self.mats]
+        want = [id(p) for p in model.parameters() if p.requires_grad]
+        if len(set(mine)) != len(mine) or set(mine) != set(want):
+            names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in set(mine)]
+            raise RuntimeError(f"optimizer groups must cover every trainable parameter exactly once; missing: {names}")
+
+    def _muon(self, g: Tensor, buf: Tensor, momentum: float) -> Tensor:
+        buf.mul_(momentum).add_(g.to(buf.dtype))
+        u = g.add(buf.to(g.dtype), alpha=momentum)  # Nesterov
+        if self.cfg.muon_row_norm:  # MuonEq-R
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        u = self.ns(u, self.cfg.muon_backend_steps, self.cfg.muon_ns)
+        return u * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
+
+    def _apply(self, name: str, p: Tensor, u: Tensor, lr: float) -> None:
+        wd = self.cfg.muon_wd_mlp if "mlp" in name and self.cfg.muon_wd_mlp >= 0 else self.cfg.muon_wd
+        if wd:  # decoupled, scaled by the scheduled LR
+            p.mul_(1 - lr * wd)
+        p.add_(u.to(p.dtype), alpha=-lr)
+
+    def _landed(self, name, p, shard, work):
+        if work is not None:  # reduce-scatter sums; Muon wants the mean
+            work.wait()
+            shard.div_(self.rt.world_size)
+        return name, p, shard, None
+
+    @torch.no_grad()
+    def step(self, lr_mul: float, momentum: float) -> None:
+        cfg, W = self.cfg, self.rt.world_size
+        if cfg.core_grad_scale:  # PR #526: a core shared by k layers gets the mean, not the sum, of their grads
+            for _, p in self.banks:
+                p.grad.div_(self.model.core_uses.repeat(p.size(0) // self.model.n_cores)[:, None, None])
+        jobs = []
+        for name, p in sorted(self.banks, key=lambda t: -t[1].numel()):  # largest first
+            n_pad = -(-p.size(0) // W) * W
+            if W == 1:
+                jobs.append((name, p, p.grad, None))
+                continue
+            g = torch.cat([p.grad, p.grad.new_zeros(n_pad - p.size(0), *p.shape[1:])]) if n_pad > p.size(0) else p.grad
+            shard = g.new_empty(n_pad // W, *p.shape[1:])
+            jobs.append((name, p, shard, _reduce_scatter(shard, g.contiguous(), async_op=True)))
+        reps = [p for p in self.replicated if p.grad is not None]
+        if W > 1 and reps:
+            flat = torch.cat([p.grad.reshape(-1) for p in reps])
+            all_reduce_(flat).div_(W)
+            torch._foreach_copy_([p.grad for p in reps], [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in reps]), reps)])
+        if cfg.grad_clip_norm > 0:  # global norm after reduction (the banked records clipped per rank)
+            jobs = [self._landed(*j) for j in jobs]
+            sq = torch.zeros((), device=self.rt.device)
+            for *_, shard, _ in jobs:
+                sq += shard.float().square().sum()
+            all_reduce_(sq)
+            for p in reps:
+                sq += p.grad.float().square().sum()
+            coef = (cfg.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([s for *_, s, _ in jobs] + [p.grad for p in reps], coef)
+        for opt in self.adams:
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * lr_mul
+            opt.step()
+        lr = cfg.matrix_lr * lr_mul
+        for name, p in self.mats:
+            if p.grad is not None:
+                self._apply(name, p, self._muon(p.grad, self.mom[name], momentum), lr)
+        gathers = []
+        for job in jobs:
+            name, p, shard, _ = self._landed(*job)
+            u = self._muon(shard, self.mom[name], momentum)
+            if W == 1:
+                self._apply(name, p, u, lr)
+                continue
+            full = torch.empty(W * u.size(0), *u.shape[1:], device=u.device, dtype=self.comm_dtype)
+            gathers.append((name, p, full, _all_gather(full, u.to(self.comm_dtype).contiguous(), async_op=True)))
+        for name, p, full, work in gathers:
+            work.wait()
+            self._apply(name, p, full[: p.size(0)], lr)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """World-size independent: bank momentum is gathered from the owning ranks (a collective)."""
+        mom = {}
+        for name, p in self.banks:
+            buf = self.mom[name]
+            if self.rt.world_size > 1:
+                full = buf.new_empty(self.rt.world_size * buf.size(0), *buf.shape[1:]).float()
+                _all_gather(full, buf.float())
+                buf = full
+            mom[name] = buf[: p.size(0)].detach().cpu().clone()
+        mom.update({n: self.mom[n].detach().cpu().clone() for n, _ in self.mats})
+        return {"adam": [o.state_dict() for o in self.adams], "momentum": mom}
+
+    def load_state_dict(self, s: dict) -> None:
+        for o, st in zip(self.adams, s["adam"], strict=True):
+            o.load_state_dict(st)
+        r = self.rt.rank
+        for name, p in self.banks:
+            n = self.mom[name].size(0)
+            full = torch.zeros(n * self.rt.world_size, *p.shape[1:])
+            full[: p.size(0)] = s["momentum"][name]
+            self.mom[name].copy_(full[r * n : (r + 1) * n])
+        for name, _ in self.mats:
+            self.mom[name].copy_(s["momentum"][name])
+
+def train_budget_ms(cfg: Config) -> float:
+    return 1000.0 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds)
+
+def progress(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """Fraction of training done: of the wallclock budget when capped, else of the step budget."""
+    if cfg.max_wallclock_seconds > 0:
+        return elapsed_ms / train_budget_ms(cfg)
+    return step / max(cfg.iterations, 1)
 
 def lr_multiplier(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """Linear warmdown to 0 over the last warmdown_iters steps; with a wallclock cap the steps are
-    converted to time using the measured step average, so the decay ends at the cap."""
-    if cfg.warmdown_iters <= 0:
+    """iter_warmdown: linear to 0 over the last warmdown_iters steps, converted to wallclock with the
+    measured step time when capped. frac_warmdown: linear over the last warmdown_frac of training,
+    floored at min_lr. cosine: from 1 to min_lr."""
+    if cfg.lr_schedule == "iter_warmdown":
+        if cfg.warmdown_iters <= 0:
+            return 1.0
+        if cfg.max_wallclock_seconds <= 0:
+            start = max(cfg.iterations - cfg.warmdown_iters, 0)
+            return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if step >= start else 1.0
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(train_budget_ms(cfg) - elapsed_ms, 0.0)
+        return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    f = min(progress(cfg, step, elapsed_ms), 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * f))
+    if cfg.warmdown_frac <= 0 or f < 1 - cfg.warmdown_frac:
         return 1.0
-    if cfg.max_wallclock_seconds <= 0:
-        start = max(cfg.iterations - cfg.warmdown_iters, 0)
-        return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if step >= start else 1.0
-    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return max((1 - f) / cfg.warmdown_frac, cfg.min_lr)
 
-
-def muon_momentum(cfg: Config, step: int) -> float:
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0) -> float:
+    if cfg.muon_momentum_warmup_frac > 0:
+        frac = min(progress(cfg, step, elapsed_ms) / cfg.muon_momentum_warmup_frac, 1.0)
+    else:
+        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+class WeightAverage:
+    """EMA: fp32 shadow of every parameter, ema = d*ema + (1-d)*w after each step. SWA: uniform mean
+    of snapshots taken every swa_every steps once the LR multiplier is below swa_lr_threshold. The
+    chosen average really replaces the weights before quantization (the records' SWA never did)."""
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        self.cfg, self.kind, self.count = cfg, cfg.weight_average, 0
+        self.params = [p for p in model.parameters()]
+        init = (lambda p: p.detach().float().clone()) if self.kind == "ema" else (lambda p: torch.zeros_like(p, dtype=torch.float32))
+        self.avg = [init(p) for p in self.params] if self.kind != "none" else []
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mul: float) -> None:
+        if self.kind == "ema":
+            torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params], 1 - self.cfg.ema_decay)
+        elif self.kind == "swa" and step % self.cfg.swa_every == 0 and lr_mul < self.cfg.swa_lr_threshold:
+            torch._foreach_add_(self.avg, [p.detach().float() for p in self.params])
+            self.count += 1
+
+    @torch.no_grad()
+    def apply(self) -> str:
+        if self.kind == "ema":
+            for p, a in zip(self.params, self.avg):
+                p.copy_(a.to(p.dtype))
+            return f"ema decay={self.cfg.ema_decay}"
+        if self.kind == "swa" and self.count:
+            for p, a in zip(self.params, self.avg):
+                p.copy_((a / self.count).to(p.dtype))
+            return f"swa snapshots={self.count} every={self.cfg.swa_every} below_lr_mul={self.cfg.swa_lr_threshold}"
+        return "none (live weights)" + (" - swa took no snapshot" if self.kind == "swa" else "")
+
+    def state_dict(self) -> dict:
+        return {"avg": [a.detach().cpu().clone() for a in self.avg], "count": self.count}
+
+    def load_state_dict(self, s: dict) -> None:
+        for a, b in zip(self.avg, s["avg"], strict=True):
+            a.copy_(b)
+        self.count = int(s["count"])
 
 
 # -----------------------------------------------------------------------------
 # EVALUATION AND LOGGING
 
-
 def autocast(cfg: Config, device: torch.device):
     dtype = torch.bfloat16 if cfg.autocast_dtype == "bf16" else torch.float32
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
 
 @torch.no_grad()
 def eval_val(cfg: Config, model: nn.Module, rt: Runtime, val_tokens: Tensor, luts) -> tuple[float, float]:
@@ -828,7 +1108,6 @@ def eval_val(cfg: Config, model: nn.Module, rt: Runtime, val_tokens: Tensor, lut
     nll, ntok, nbytes = sums.tolist()
     return nll / ntok, bits_per_byte(nll, nbytes)
 
-
 class Logger:
     """Rank 0 writes the console and logs/<run_id>.txt; an existing log is never overwritten."""
 
@@ -841,16 +1120,13 @@ class Logger:
             self.fh = open(self.path, "a", encoding="utf-8")
 
     def __call__(self, msg: str = "", console: bool = True) -> None:
-        if not self.rt.is_main:
-            return
-        if console:
-            print(msg, flush=True)
-        self.fh.write(msg + "\n")
-        self.fh.flush()
-
+        if self.rt.is_main:
+            print(msg, flush=True) if console else None
+            self.fh.write(msg + "\n")
+            self.fh.flush()
 
 def log_provenance(log: Logger, cfg: Config, sources: dict) -> None:
-    for name in ("train_gpt.py", "quantize.py"):
+    for name in ("train_gpt.py", "quantize.py", "ttt_eval.py"):
         f = HERE / name
         if f.is_file():
             log(f"# ===== source: {name} =====\n{f.read_text(encoding='utf-8')}", console=False)
@@ -870,34 +1146,41 @@ def log_provenance(log: Logger, cfg: Config, sources: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# CHECKPOINTS (plain tensors and primitives only: loaded with weights_only=True)
+# TRAINING: a Run bundles the state; checkpoints hold plain tensors and primitives only
+# (torch.load(weights_only=True) can read them, nothing in them can execute)
 
+@dataclass
+class Run:
+    cfg: Config
+    rt: Runtime
+    log: Logger
+    base: GPT  # the eager module: state, eval-time toggles
+    model: nn.Module  # what runs the steps (compiled on CUDA)
+    opt: Optimizer
+    avg: WeightAverage
+    loader: DistributedTokenLoader
+    out_dir: Path
+    step: int = 0
+    train_ms: float = 0.0
 
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-
-def save_checkpoint(path: Path, model, optimizers, muon: Muon, loader, step, train_ms, cfg, rt, log) -> None:
-    bufs = muon.gather_buffers()  # collective: every rank calls it
-    if rt.is_main:
-        state = {
-            "format": "pgolf-ckpt/1",
-            "step": step,
-            "training_time_ms": train_ms,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "adam": [o.state_dict() for o in optimizers if o is not muon],
-            "muon_buffers": [b.cpu() for b in bufs],
-            "loader": loader.stream.state(),
-            "config": asdict(cfg),
-        }
-        atomic_save(state, path)
-        old = sorted(path.parent.glob("ckpt_step*.pt"))
-        for f in old[: max(len(old) - cfg.keep_checkpoints, 0)]:
-            f.unlink()
-        log(f"checkpoint:{path} step:{step}")
-
+def save_checkpoint(r: Run) -> None:
+    opt = r.opt.state_dict()  # a collective: every rank calls it
+    if not r.rt.is_main:
+        return
+    r.out_dir.mkdir(parents=True, exist_ok=True)
+    path = r.out_dir / f"ckpt_step{r.step:06d}.pt"
+    atomic_save({"format": "pgolf-ckpt/2", "step": r.step, "training_time_ms": r.train_ms, "config": asdict(r.cfg),
+                 "model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "opt": opt,
+                 "avg": r.avg.state_dict(), "looping": r.base.looping, "loader": r.loader.stream.state()}, path)
+    old = sorted(r.out_dir.glob("ckpt_step*.pt"))
+    for f in old[: max(len(old) - r.cfg.keep_checkpoints, 0)]:
+        f.unlink()
+    r.log(f"checkpoint:{path} step:{r.step}")
 
 def load_checkpoint(path: str) -> dict:
     try:
@@ -906,77 +1189,66 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"checkpoint {path} not found") from None
     except Exception as e:  # truncated zip, foreign pickle, ...
         raise ValueError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or ck.get("format") != "pgolf-ckpt/1":
-        raise ValueError(f"{path} is not a checkpoint written by train_gpt.py")
+    if not isinstance(ck, dict) or ck.get("format") != "pgolf-ckpt/2":
+        raise ValueError(f"{path} is not a checkpoint written by this train_gpt.py")
     return ck
 
-
-MODEL_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings")
-
-
-def restore_checkpoint(ck: dict, cfg: Config, model, optimizers, muon: Muon, loader) -> tuple[int, float]:
-    diff = [k for k in MODEL_KEYS if ck["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f"checkpoint model shape differs from the config in {', '.join(diff)}; resume with the same model config")
-    model.load_state_dict(ck["model"], strict=True)
-    adams = [o for o in optimizers if o is not muon]
-    for o, s in zip(adams, ck["adam"], strict=True):
-        o.load_state_dict(s)
-    muon.load_buffers(ck["muon_buffers"])
-    loader.stream.load_state(ck["loader"])
-    return int(ck["step"]), float(ck["training_time_ms"])
-
-
-# -----------------------------------------------------------------------------
-# TRAINING
-
+def restore_checkpoint(r: Run, ck: dict) -> None:
+    try:
+        r.base.load_state_dict(ck["model"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint does not fit this model config ({str(e).splitlines()[0]}); resume with the run's config") from None
+    r.opt.load_state_dict(ck["opt"])
+    r.avg.load_state_dict(ck["avg"])
+    r.loader.stream.load_state(ck["loader"])
+    r.base.looping, r.step, r.train_ms = bool(ck["looping"]), int(ck["step"]), float(ck["training_time_ms"])
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def train_step(cfg, model, optimizers, muon, loader, rt, step: int, lr_mul: float) -> Tensor:
+def train_step(r: Run, lr_mul: float, momentum: float) -> Tensor:
     """One optimizer step over grad_accum micro-batches; returns this rank's mean loss (on device)."""
-    loss_sum = torch.zeros((), device=rt.device)
-    for _ in range(rt.grad_accum):
-        x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len)
-        with autocast(cfg, rt.device):
-            loss = model(x, y)
-        (loss / rt.grad_accum).backward()
+    loss_sum = torch.zeros((), device=r.rt.device)
+    for _ in range(r.rt.grad_accum):
+        x, y = r.loader.next_batch(r.cfg.train_batch_tokens, r.cfg.train_seq_len)
+        with autocast(r.cfg, r.rt.device):
+            loss = r.model(x, y)
+        (loss / r.rt.grad_accum).backward()
         loss_sum += loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
-    if rt.distributed:  # gradient average over ranks in one flat buffer
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        all_reduce_(flat).div_(rt.world_size)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-    if cfg.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-    for g in muon.param_groups:
-        g["momentum"] = muon_momentum(cfg, step)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_mul
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return loss_sum / rt.grad_accum
+    r.opt.step(lr_mul, momentum)
+    r.opt.zero_grad()
+    return loss_sum / r.rt.grad_accum
 
+def warmup(r: Run, train_files: list[Path]) -> None:
+    """Compile priming on real batches, for every graph the run will need (looping off and on), then
+    weights, optimizer state and data position go back to the start: none of it counts as training."""
+    cfg = r.cfg
+    if cfg.warmup_steps <= 0:
+        return
+    init_model = copy.deepcopy(r.base.state_dict())
+    init_opt = copy.deepcopy(r.opt.state_dict())
+    for looping in [False, True] if cfg.num_loops > 0 else [False]:
+        r.base.looping = looping
+        for s in range(cfg.warmup_steps):
+            train_step(r, 1.0, cfg.muon_momentum_warmup_start)
+            if cfg.warmup_steps <= 20 or (s + 1) % 10 == 0 or s + 1 == cfg.warmup_steps:
+                r.log(f"warmup_step:{s + 1}/{cfg.warmup_steps}" + (" looping:on" if looping else ""))
+    r.base.looping = False
+    r.base.load_state_dict(init_model)
+    r.opt.load_state_dict(init_opt)
+    r.loader = DistributedTokenLoader(train_files, r.rt, cfg.vocab_size)
 
 def run_id_default(cfg_path: str | None, seed: int) -> str:
     stem = Path(cfg_path).stem if cfg_path else "run"
     return f"{stem}_seed{seed}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
 
-
 def main(argv: list[str]) -> None:
     opts, overrides = parse_cli(argv)
     cfg, sources = load_config(opts["config"], overrides)
     if opts["dry_run"]:
-        model = GPT(cfg)
-        print(f"model_params:{count_params(model)}")
+        print(f"model_params:{count_params(GPT(cfg))}")
         print(f"config:{json.dumps(asdict(cfg), sort_keys=True)}")
         return
     ck = load_checkpoint(opts["resume"]) if opts["resume"] else None
@@ -987,7 +1259,6 @@ def main(argv: list[str]) -> None:
         obj = [cfg.run_id]
         dist.broadcast_object_list(obj, src=0)
         cfg.run_id = obj[0]
-    out_dir = Path(cfg.out_dir or Path("runs") / cfg.run_id)
     log = Logger(rt, cfg.run_id, append=ck is not None)
     if ck is not None:
         log(f"resume:{opts['resume']} step:{ck['step']}")
@@ -996,155 +1267,204 @@ def main(argv: list[str]) -> None:
 
     # tokenizer, byte LUTs, data integrity
     sp = load_tokenizer(cfg)
-    luts_np = build_byte_luts(sp, cfg.vocab_size)
-    luts = tuple(torch.from_numpy(a).to(rt.device) for a in luts_np)
+    luts = tuple(torch.from_numpy(a).to(rt.device) for a in build_byte_luts(sp, cfg.vocab_size))
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}")
     train_files, val_files = shard_files(cfg.data_path, "train"), shard_files(cfg.data_path, "val")
     val_stream = load_val_stream(val_files, cfg.vocab_size)
-    for line in check_dataset(cfg, val_files, train_files, val_stream, int(sp.bos_id())):
+    for line in check_dataset(cfg, val_stream, train_files, int(sp.bos_id())):
         log(line)
     val_tokens = torch.from_numpy(usable_val(val_stream, cfg.train_seq_len).astype(np.int32))  # int64 per batch
     log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={Path(cfg.data_path) / 'fineweb_val_*.bin'} tokens:{val_tokens.numel() - 1}")
+    if cfg.train_batch_tokens % (cfg.virtual_world_size * cfg.train_seq_len):
+        raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} must be a multiple of virtual_world_size*train_seq_len")
 
-    # model and optimizers
-    base_model = GPT(cfg).to(rt.device)
+    # model, optimizers, averaging
+    base = GPT(cfg).to(rt.device)
     use_compile = cfg.compile and rt.device.type == "cuda"
-    model = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
-    optimizers, muon = build_optimizers(base_model, cfg, rt)
+    model = torch.compile(base, dynamic=False, fullgraph=True) if use_compile else base
+    opt = Optimizer(base, cfg, rt)
     if use_compile:
-        muon._ns = torch.compile(newton_schulz5)
-    n_params = count_params(base_model)
-    fpt = flops_per_token(cfg, base_model)
-    peak = peak_flops(rt.device)
-    log(f"model_params:{n_params}")
+        opt.ns = torch.compile(orthogonalize)
+    r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
+            Path(cfg.out_dir or Path("runs") / cfg.run_id))
+    fpt, peak, backend = flops_per_token(cfg, base), peak_flops(rt.device), attention_backend(cfg, rt.device)
+    log(f"model_params:{count_params(base)}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
-    log("attention_backend:sdpa (torch scaled_dot_product_attention)")
+    log(f"attention_backend:{backend}" + ("" if backend == "fa3" or rt.device.type != "cuda" else
+        " WARNING: FlashAttention 3 not in use on CUDA (not importable, doc_attention, or attn_backend=sdpa): expect slower steps"))
     log(f"attention_mode:{'gqa' if cfg.num_kv_heads < cfg.num_heads else 'mha'} num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{embed_lr} head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
-    log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
+    log(f"layer_schedule:{layer_order(cfg, False)}" + (f" looped:{layer_order(cfg, True)}" if cfg.num_loops else ""))
+    log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
+        f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
+    log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+        f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
     log(f"seed:{cfg.seed}")
-    if cfg.train_batch_tokens % (rt.world_size * rt.grad_accum * cfg.train_seq_len):
-        raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} must be a multiple of virtual_world_size*train_seq_len={rt.world_size * rt.grad_accum * cfg.train_seq_len}")
-    loader = DistributedTokenLoader(train_files, rt, cfg.vocab_size)
+    import quantize  # the artifact budget, before any compute is spent
 
-    # compile priming: real steps, then weights, optimizer state and loader are put back
-    if cfg.warmup_steps > 0:
-        init_model = copy.deepcopy(base_model.state_dict())
-        init_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
-        for s in range(cfg.warmup_steps):
-            train_step(cfg, model, optimizers, muon, loader, rt, s, 1.0)
-            if cfg.warmup_steps <= 20 or (s + 1) % 10 == 0 or s + 1 == cfg.warmup_steps:
-                log(f"warmup_step:{s + 1}/{cfg.warmup_steps}")
-        base_model.load_state_dict(init_model)
-        for o, s in zip(optimizers, init_opts):
-            o.load_state_dict(s)
-        loader = DistributedTokenLoader(train_files, rt, cfg.vocab_size)
-
-    step, training_time_ms = 0, 0.0
+    plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed)[0])
+    for line in quantize.format_plan(plan).splitlines():
+        log(f"artifact_plan: {line}")
+    warmup(r, train_files)
     if ck is not None:
-        step, training_time_ms = restore_checkpoint(ck, cfg, base_model, optimizers, muon, loader)
+        restore_checkpoint(r, ck)
         del ck
-    resumed_at = step if step > 0 else None  # that step's validation already ran before the crash
-    cap_ms = 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None
-    stop_after_step: int | None = None
-    loss_acc = torch.zeros((), device=rt.device)
-    steps_in_window, window_ms = 0, 0.0
+    pre_bpb = train_loop(r, val_tokens, luts, fpt, peak)
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    finish(r, val_tokens, luts, pre_bpb)
+
+def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None) -> float:
+    """Train until iterations or the wallclock budget; returns the last validation bpb."""
+    cfg, rt, log = r.cfg, r.rt, r.log
+    resumed_at = r.step if r.step > 0 else None  # that step's validation already ran before the crash
+    cap_ms = train_budget_ms(cfg) if cfg.max_wallclock_seconds > 0 else None
+    stop_after: int | None = None
+    loss_acc, n_acc, window_ms = torch.zeros((), device=rt.device), 0, 0.0
     sync(rt.device)
     t0 = time.perf_counter()
     while True:
-        last_step = step == cfg.iterations or (stop_after_step is not None and step >= stop_after_step)
-        periodic = cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0 and step != resumed_at
-        if last_step or periodic:  # validation pauses the train clock
-            sync(rt.device)
-            training_time_ms += 1000.0 * (time.perf_counter() - t0)
-            val_loss, val_bpb = eval_val(cfg, model, rt, val_tokens, luts)
+        last = r.step == cfg.iterations or (stop_after is not None and r.step >= stop_after)
+        if last or (cfg.val_loss_every > 0 and r.step % cfg.val_loss_every == 0 and r.step != resumed_at):
+            sync(rt.device)  # validation pauses the train clock
+            r.train_ms += 1000.0 * (time.perf_counter() - t0)
+            val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
             if not math.isfinite(val_loss):
-                raise FloatingPointError(f"val_loss is {val_loss} at step {step}: training diverged; lower the learning rates")
-            log(f"step:{step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
+                raise FloatingPointError(f"val_loss is {val_loss} at step {r.step}: training diverged; lower the learning rates")
+            log(f"step:{r.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
             sync(rt.device)
             t0 = time.perf_counter()
-        if last_step:
-            if stop_after_step is not None and step < cfg.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{cfg.iterations}")
-            break
-        elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        if last:
+            if stop_after is not None and r.step < cfg.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{cfg.iterations}")
+            return val_bpb
+        elapsed = r.train_ms + 1000.0 * (time.perf_counter() - t0)
+        lr_mul, frac = lr_multiplier(cfg, r.step, elapsed), progress(cfg, r.step, elapsed)
+        if cfg.num_loops > 0 and not r.base.looping and (r.step >= cfg.loop_at_step > 0 or (not cfg.loop_at_step and frac >= cfg.loop_at_frac)):
+            r.base.looping = True  # all ranks agree: the clock is synchronised at the cap, the schedule is rank-free
+            log(f"layer_loop:on step:{r.step} frac:{frac:.3f} schedule:{layer_order(cfg, True)}")
+        if cfg.qat and float(r.base.qat_mix) == 0.0 and lr_mul < cfg.qat_lr_threshold:
+            r.base.qat_mix.fill_(1.0)
+            log(f"late_qat:on step:{r.step} lr_mul:{lr_mul:.4f} grid:per-row int{cfg.quant_bits_attn}/int{cfg.quant_bits_mlp} "
+                f"clip:{'sdclip' if cfg.quant_clip == 'sdclip' else 'max'}")
         t_step = time.perf_counter()
-        loss_acc += train_step(cfg, model, optimizers, muon, loader, rt, step, lr_multiplier(cfg, step, elapsed_ms))
-        step += 1
-        steps_in_window += 1
-        approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        loss_acc += train_step(r, lr_mul, muon_momentum(cfg, r.step, elapsed))
+        r.step += 1
+        r.avg.update(r.step, lr_mul)
+        n_acc += 1
+        approx_ms = r.train_ms + 1000.0 * (time.perf_counter() - t0)
         window_ms += 1000.0 * (time.perf_counter() - t_step)
-        reached_cap = cap_ms is not None and approx_ms >= cap_ms
-        if rt.distributed:  # all ranks stop on the same step
-            flag = torch.tensor(float(reached_cap), device=rt.device)
-            reached_cap = all_reduce_(flag, dist.ReduceOp.MAX).item() > 0
-        if stop_after_step is None and reached_cap:
-            stop_after_step = step
-        if step <= 10 or step % cfg.train_log_every == 0 or stop_after_step is not None or step == cfg.iterations:
-            loss_acc = all_reduce_(loss_acc) / rt.world_size  # mean over ranks and the steps since the last line
-            train_loss = loss_acc.item() / steps_in_window
+        reached = cap_ms is not None and approx_ms >= cap_ms
+        if rt.distributed:  # every rank stops on the same step
+            reached = all_reduce_(torch.tensor(float(reached), device=rt.device), dist.ReduceOp.MAX).item() > 0
+        if stop_after is None and reached:
+            stop_after = r.step
+        if r.step <= 10 or r.step % cfg.train_log_every == 0 or stop_after is not None or r.step == cfg.iterations:
+            train_loss = (all_reduce_(loss_acc) / rt.world_size).item() / n_acc  # mean over ranks and steps since the last line
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"train_loss is {train_loss} at step {step}: training diverged; lower the learning rates or enable grad_clip_norm")
-            tok_s = cfg.train_batch_tokens * steps_in_window / max(window_ms / 1000.0, 1e-9)
+                raise FloatingPointError(f"train_loss is {train_loss} at step {r.step}: training diverged; lower the learning rates or enable grad_clip_norm")
+            tok_s = cfg.train_batch_tokens * n_acc / max(window_ms / 1000.0, 1e-9)
             mfu = f"{100 * fpt * tok_s / (peak * rt.world_size):.1f}%" if peak else "n/a"
-            log(f"step:{step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / max(step, 1):.2f}ms tok_s:{tok_s:.0f} mfu:{mfu}")
-            loss_acc.zero_()
-            steps_in_window, window_ms = 0, 0.0
-        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            sync(rt.device)
-            training_time_ms += 1000.0 * (time.perf_counter() - t0)
-            save_checkpoint(out_dir / f"ckpt_step{step:06d}.pt", base_model, optimizers, muon, loader, step, training_time_ms, cfg, rt, log)
+            log(f"step:{r.step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / max(r.step, 1):.2f}ms tok_s:{tok_s:.0f} mfu:{mfu}")
+            loss_acc, n_acc, window_ms = torch.zeros((), device=rt.device), 0, 0.0
+        if cfg.checkpoint_every > 0 and r.step % cfg.checkpoint_every == 0 and r.step < cfg.iterations:
+            sync(rt.device)  # checkpoint writes pause the clock too
+            r.train_ms += 1000.0 * (time.perf_counter() - t0)
+            save_checkpoint(r)
             t0 = time.perf_counter()
 
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    finish(cfg, rt, log, base_model, model, optimizers, muon, loader, step, training_time_ms, val_tokens, luts, out_dir)
+@torch.no_grad()
+def generate(model: GPT, cfg: Config, n: int, device, temperature: float = 0.8) -> Tensor:
+    """n sequences of train_seq_len tokens sampled from the model from BOS (GPTQ self-calibration)."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x = torch.full((n, 1), cfg.bos_id, dtype=torch.long, device=device)
+    with autocast(cfg, device):
+        for _ in range(cfg.train_seq_len - 1):
+            p = torch.softmax(model(x)[:, -1].float() / temperature, -1)
+            x = torch.cat([x, torch.multinomial(p, 1, generator=g)], 1)
+    return x
 
+def calibrate(r: Run, quantize) -> dict | None:
+    """GPTQ Hessians (mean x^T x of every named matmul input) from training batches or from text the
+    model generates itself - never validation data - inside the reserved end of the training clock."""
+    global CAPTURE
+    cfg, rt = r.cfg, r.rt
+    if not cfg.gptq or cfg.quant_scheme != "mixed":
+        return None
+    t, H = time.perf_counter(), {}
+    mode = r.base.training
+    r.base.eval()
+    xs = ([generate(r.base, cfg, max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1), rt.device)
+           for _ in range(cfg.gptq_calib_batches)] if cfg.gptq_calib_source == "self" else
+          [r.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len)[0] for _ in range(cfg.gptq_calib_batches)])
+    CAPTURE = lambda name, x: quantize.accumulate_hessian(H, name, x)  # noqa: E731
+    try:
+        with torch.no_grad(), autocast(cfg, rt.device):
+            for x in xs:
+                r.base(x)
+    finally:
+        CAPTURE = None
+        r.base.train(mode)
+    for name in sorted(H):  # every rank saw different batches: sum them
+        H[name] = [all_reduce_(H[name][0]), H[name][1] * rt.world_size]
+    sync(rt.device)
+    calib_s, train_s = time.perf_counter() - t, r.train_ms / 1000
+    r.log(f"gptq_calibration:{len(H)} hessians source:{cfg.gptq_calib_source} batches/rank:{cfg.gptq_calib_batches} time:{calib_s:.1f}s "
+          f"train_time:{train_s:.1f}s total:{train_s + calib_s:.1f}s reserve:{cfg.gptq_reserve_seconds:.1f}s")
+    if cfg.max_wallclock_seconds > 0 and train_s + calib_s > cfg.max_wallclock_seconds:
+        r.log(f"WARNING: training + calibration took {train_s + calib_s:.1f}s > max_wallclock_seconds {cfg.max_wallclock_seconds:.0f}: "
+              "raise gptq_reserve_seconds; calibration must finish inside the training budget")
+    return quantize.finalize_hessians(H)
 
-def finish(cfg, rt, log, base_model, model, optimizers, muon, loader, step, training_time_ms, val_tokens, luts, out_dir) -> None:
-    """Raw checkpoint, int8+zlib artifact, size accounting, then score the artifact re-loaded from disk."""
+def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
+    """Resumable checkpoint, weight average, GPTQ calibration, raw weights, artifact, size accounting,
+    then the score of the artifact re-loaded from disk into the model."""
     import quantize
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_dir / f"ckpt_step{step:06d}.pt", base_model, optimizers, muon, loader, step, training_time_ms, cfg, rt, log)
-    art_path = out_dir / f"final_model.{cfg.quant_scheme}.ptz"
-    code_bytes, code_detail = quantize.code_size(HERE)
+    cfg, rt, log = r.cfg, r.rt, r.log
+    save_checkpoint(r)
+    r.base.looping = cfg.num_loops > 0  # the scored model always runs its full schedule
+    if cfg.weight_average != "none":
+        log(f"weights_average:{r.avg.apply()}")
+        t = time.perf_counter()
+        val_loss, pre_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
+        log(f"post_average val_loss:{val_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+    hessians = calibrate(r, quantize)
+    art_path = r.out_dir / f"final_model.{cfg.quant_scheme}.ptz"
+    code_bytes, code_detail = quantize.code_size(HERE, packed=cfg.code_packed)
     if rt.is_main:
-        state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
-        raw_path = out_dir / "final_model.pt"
-        atomic_save(state, raw_path)
-        raw_bytes = raw_path.stat().st_size
+        state = unbank({k: v.detach().cpu() for k, v in r.base.state_dict().items()})
+        atomic_save(state, r.out_dir / "final_model.pt")
+        raw_bytes = (r.out_dir / "final_model.pt").stat().st_size
         log(f"Serialized model: {raw_bytes} bytes")
         log(f"Code size: {code_bytes} bytes ({code_detail})")
         log(f"Total submission size: {raw_bytes + code_bytes} bytes")
         t = time.perf_counter()
-        st = quantize.write_artifact(art_path, state, asdict(cfg), scheme=cfg.quant_scheme, compressor=cfg.compressor,
-                                     control_patterns=cfg.control_tensor_name_patterns)
+        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians)
         tag = f"{cfg.quant_scheme}+{cfg.compressor}"
-        log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} payload_ratio:{st['payload_ratio']:.2f}x) serialize_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
+            f"payload_ratio:{st['payload_ratio']:.2f}x) serialize_time:{1000 * (time.perf_counter() - t):.0f}ms compressor:{st['compressor_version']}")
+        for line in quantize.group_table(st, cfg.compressor, cfg.byte_shuffle):
+            log(f"quant_table: {line}")
         total = st["artifact_bytes"] + code_bytes
         log(f"Total submission size {tag}: {total} bytes")
-        if total > SIZE_CAP_BYTES:
-            log(f"WARNING: total submission size {total} bytes is over the {SIZE_CAP_BYTES:,}-byte cap by {total - SIZE_CAP_BYTES} bytes: not a valid record")
-        else:
-            log(f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
+        log(f"bits_per_param:{8 * st['artifact_bytes'] / count_params(r.base):.3f} (artifact bytes * 8 / {count_params(r.base)} params)")
+        log(quantize.check_budget(total, cfg.record_mode) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
     if rt.distributed:
         dist.barrier()
     t = time.perf_counter()
     state, _, _ = quantize.read_artifact(art_path)
-    base_model.load_state_dict(state, strict=True)
-    val_loss, val_bpb = eval_val(cfg, model, rt, val_tokens, luts)
+    r.base.load_state_dict(rebank(state), strict=True)
+    val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
     name = f"final_{cfg.quant_scheme}_{cfg.compressor}_roundtrip"
     log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    log(f"quant_gap val_bpb:{val_bpb - pre_bpb:+.6f} (roundtrip {val_bpb:.6f} - pre-quant {pre_bpb:.6f})")
     if rt.distributed:  # gloo aborts if one rank tears down while a peer is still in a collective
         dist.barrier()
 
-
 if __name__ == "__main__":
+    sys.modules.setdefault("train_gpt", sys.modules[__name__])  # quantize/ttt_eval import this same module
     code = 0
     try:
         main(sys.argv[1:])

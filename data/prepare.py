@@ -286,6 +286,72 @@ def verify(dataset_dir) -> str:
             f"train {len(t['shards'])} shard(s) {t['tokens']} tokens; tokenizer {tok}: {note}")
 
 
+def doc_hashes(tokens: np.ndarray, bos_id: int, k: int = 16) -> np.ndarray:
+    """64-bit fingerprint per BOS-started document: length plus its first and last k tokens."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if starts.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.append(starts[1:], tokens.size)
+    ar = np.arange(k)
+    first = np.minimum(starts[:, None] + ar, ends[:, None] - 1)
+    last = np.maximum(ends[:, None] - 1 - ar, starts[:, None])
+    cols = np.concatenate([tokens[first], tokens[last], (ends - starts)[:, None]], axis=1).astype(np.uint64)
+    h = np.full(starts.size, 14695981039346656037, dtype=np.uint64)  # FNV-1a over the columns
+    for j in range(cols.shape[1]):
+        h = (h ^ cols[:, j]) * np.uint64(1099511628211)
+    return h
+
+
+def check_dataset(data_path, tokenizer_path, vocab_size: int, bos_id: int, val_tokens: np.ndarray, train_files,
+                  check_train_shards: int = 1) -> list[str]:
+    """Run by train_gpt.py at start: fail on a dataset that would make the score wrong (val
+    count/hash or tokenizer differ from the manifest, a shard in both splits, val documents inside the
+    first train shards). Returns log lines."""
+    lines, root = [], Path(data_path)
+    mpath = root / "manifest.json"
+    val_sha = hashlib.sha256(val_tokens.tobytes()).hexdigest()
+    lines.append(f"dataset_fingerprint:val_sha256={val_sha[:16]} val_tokens:{val_tokens.size}")
+    if mpath.is_file():
+        try:
+            m = json.loads(mpath.read_text())
+            splits = m["splits"]
+        except (ValueError, KeyError) as e:
+            raise DataError(f"{mpath}: unreadable manifest ({e}); re-run `python data/prepare.py index {root} --tokenizer {tokenizer_path}`") from None
+        if int(m.get("vocab_size", vocab_size)) != vocab_size or int(m.get("bos_id", bos_id)) != bos_id:
+            raise DataError(f"{mpath}: dataset vocab_size/bos_id {m.get('vocab_size')}/{m.get('bos_id')} != tokenizer's {vocab_size}/{bos_id}")
+        tok_sha = m.get("tokenizer", {}).get("sha256")
+        if tok_sha and tok_sha != hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest():
+            raise DataError(
+                f"{tokenizer_path} is not the tokenizer these shards were made with (sha256 differs from {mpath}): "
+                "val_bpb would count the wrong bytes; point tokenizer_path at the dataset's tokenizer"
+            )
+        if int(m.get("val_tokens", val_tokens.size)) != val_tokens.size:
+            raise DataError(
+                f"{root}: val shards hold {val_tokens.size} tokens but the manifest says {m['val_tokens']}: "
+                "val split is not the one the manifest describes; re-download or re-prepare it"
+            )
+        if m.get("val_sha256") and m["val_sha256"] != val_sha:
+            raise DataError(f"{root}: val tokens do not match the manifest's val_sha256: corrupt or replaced val shards")
+        names = {s: {d["file"] for d in splits.get(s, {}).get("shards", [])} for s in ("val", "train")}
+        hashes = {s: {d.get("sha256") for d in splits.get(s, {}).get("shards", [])} - {None} for s in ("val", "train")}
+        if names["val"] & names["train"] or hashes["val"] & hashes["train"]:
+            raise DataError(f"{mpath}: a shard appears in both the train and val splits")
+        lines.append(f"dataset_manifest:{mpath} val_docs:{splits['val'].get('docs')} val_bytes:{m.get('val_bytes')}")
+    else:
+        lines.append(f"dataset_manifest:none ({mpath} missing; record one with `python data/prepare.py index {root} --tokenizer {tokenizer_path}`)")
+    if check_train_shards > 0:
+        vh = doc_hashes(val_tokens, bos_id)
+        th = np.concatenate([doc_hashes(load_shard(f), bos_id) for f in train_files[: check_train_shards]])
+        hit = np.isin(vh, th)  # a few exact duplicates are normal in web text; a leak is many
+        if hit.sum() > max(5, 0.02 * vh.size):
+            raise DataError(
+                f"{root}: {int(hit.sum())}/{vh.size} val documents also occur in the first "
+                f"{check_train_shards} train shard(s): train/val leak; rebuild the shards with disjoint splits"
+            )
+        lines.append(f"dataset_disjoint:val_docs_in_train={int(hit.sum())}/{vh.size} train_shards_checked:{min(len(train_files), check_train_shards)}")
+    return lines
+
+
 # -----------------------------------------------------------------------------
 # documents: text files, Hugging Face datasets, the built-in sample
 

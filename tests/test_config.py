@@ -54,6 +54,12 @@ def test_bad_env_and_flag_values():
         tg.load_config(None, {"warmup": "3"}, {})
     with pytest.raises(ValueError, match="divisible by num_heads"):
         tg.load_config(None, {"model_dim": "500"}, {})
+    bad = [({"num_cores": "10"}, "num_cores=10"), ({"num_loops": "1", "loop_start": "3", "loop_end": "9"}, "loop_start..loop_end"),
+           ({"ve_layers": "9,12"}, "names a missing layer"), ({"smear": "v4"}, "smear must be one of none, v2, v3"),
+           ({"num_loops": "2", "loop_start": "2", "loop_end": "6", "parallel_start": "5"}, "parallel_start must come after")]
+    for over, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            tg.load_config(None, over, {})
 
 
 def test_type_coercion():
@@ -87,4 +93,4 @@ def test_baseline_dry_run_param_count():
 
 def test_baseline_toml_equals_defaults():
     cfg, _ = tg.load_config(str(ROOT / "configs/baseline.toml"), {}, {})
-    assert cfg == tg.Config()
+    assert cfg == tg.config_class()()

@@ -420,3 +420,39 @@ def test_sample_is_deterministic(tmp_path, sample_data, capsys):
     assert prepare.main(["sample", "--out-root", str(tmp_path)]) == 2  # a damaged copy is not silently reused
     assert prepare.main(["sample", "--out-root", str(tmp_path), "--force"]) == 0
     assert shard.read_bytes() == (first / "fineweb_val_000000.bin").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# the training-start integrity check (train_gpt.py calls prepare.check_dataset)
+
+
+def test_check_dataset_catches_a_train_val_leak(tmp_path, sample_data, sp):
+    docs = [f"document number {i} says {w}" for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 10)]
+    val = stream_of(sp, docs[:20])
+    clean = tmp_path / "clean.bin"
+    prepare.write_shard(clean, stream_of(sp, docs[20:]))
+    lines = prepare.check_dataset(tmp_path, sample_data["tokenizer_path"], 512, 1, val, [clean])
+    assert any("val_docs_in_train=0/20" in ln for ln in lines)
+    leaky = tmp_path / "leaky.bin"  # the #2127 failure: train built with fewer val docs, so it holds val
+    prepare.write_shard(leaky, stream_of(sp, docs[8:]))
+    with pytest.raises(DataError, match="12/20 val documents also occur .* train/val leak"):
+        prepare.check_dataset(tmp_path, sample_data["tokenizer_path"], 512, 1, val, [leaky])
+
+
+def test_check_dataset_against_the_manifest(tmp_path, sample_data):
+    d = tmp_path / "d"
+    shutil.copytree(sample_data["data_path"], d)
+    val = np.concatenate([load_shard(f) for f in sorted(d.glob("fineweb_val_*.bin"))])
+    train = sorted(d.glob("fineweb_train_*.bin"))
+    tok = sample_data["tokenizer_path"]
+    lines = prepare.check_dataset(d, tok, 512, 1, val, train)
+    assert any(ln.startswith("dataset_manifest:") and "val_bytes:" in ln for ln in lines)
+    with pytest.raises(DataError, match="manifest says"):
+        prepare.check_dataset(d, tok, 512, 1, val[:-5], train)
+    with pytest.raises(DataError, match="vocab_size/bos_id"):
+        prepare.check_dataset(d, tok, 1024, 1, val, train)
+    m = json.loads((d / "manifest.json").read_text())
+    m["splits"]["train"]["shards"].append(dict(m["splits"]["val"]["shards"][0]))
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="both the train and val splits"):
+        prepare.check_dataset(d, tok, 512, 1, val, train)

@@ -20,30 +20,23 @@ class FixedLoader:
 
 
 def test_one_step_decreases_loss_on_a_fixed_batch():
+    from types import SimpleNamespace
+
     cfg, _ = tg.load_config(None, dict(num_layers="2", model_dim="64", num_heads="2", num_kv_heads="1", vocab_size="128",
                                        train_seq_len="32", train_batch_tokens="256", virtual_world_size="1",
                                        autocast_dtype="fp32", max_wallclock_seconds="0"), {})
     torch.manual_seed(0)
     model = tg.GPT(cfg)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
-    opts, muon = tg.build_optimizers(model, cfg, rt)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 128, (8, 32), generator=g)
     loader = FixedLoader(x, torch.roll(x, -1, dims=1))
+    run = SimpleNamespace(cfg=cfg, rt=rt, model=model, loader=loader, opt=tg.Optimizer(model, cfg, rt))
     before = model(loader.x, loader.y).item()
-    first = tg.train_step(cfg, model, opts, muon, loader, rt, 0, 1.0).item()
+    first = tg.train_step(run, 1.0, 0.85).item()
     after = model(loader.x, loader.y).item()
-    assert first == pytest.approx(before) and after < before - 0.01
+    assert first == pytest.approx(before) and after < before - 1e-3
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_every_parameter_in_exactly_one_group():
-    cfg, _ = tg.load_config(None, {"tie_embeddings": "0", "num_layers": "3"}, {})
-    groups = tg.param_groups(tg.GPT(cfg), cfg)
-    names = {k: {n for n, _ in v} for k, v in groups.items()}
-    assert names["head"] == {"lm_head.weight"} and names["embed"] == {"tok_emb.weight"}
-    assert "blocks.0.attn.c_q.weight" in names["matrix"] and "blocks.0.resid_mix" in names["scalar"]
-    assert "skip_weights" in names["scalar"]
 
 
 def test_lr_schedule_wallclock_warmdown():
@@ -69,12 +62,18 @@ OFFICIAL_LINES = [
     r"^step:1/40 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok_s:\d+ mfu:n/a$",
     r"^step:40/40 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$",
     r"^Serialized model: \d+ bytes$",
-    r"^Code size: \d+ bytes \(train_gpt.py:\d+ quantize.py:\d+",
+    r"^Code size: \d+ bytes \((raw|packed) train_gpt.py:\d+ quantize.py:\d+",
     r"^Total submission size: \d+ bytes$",
-    r"^Serialized model int8\+zlib: \d+ bytes \(payload:\d+ ",
-    r"^Total submission size int8\+zlib: \d+ bytes$",
-    r"^final_int8_zlib_roundtrip val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms$",
-    r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+    r"^Serialized model mixed\+brotli: \d+ bytes \(payload:\d+ ",
+    r"^Total submission size mixed\+brotli: \d+ bytes$",
+    r"^final_mixed_brotli_roundtrip val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms$",
+    r"^final_mixed_brotli_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+    r"^quant_gap val_bpb:[-+]\d\.\d{6} \(roundtrip ",
+    r"^bits_per_param:\d\.\d{3} ",
+    r"^gptq_calibration:\d+ hessians source:train ",
+    r"^artifact_plan: estimate \(brotli\): model [\d,]+ \+ code [\d,]+ = ",
+    r"^quant_table: attn +\d+ +[\d,]+ +6 +sdclip k=12.85 +gptq ",
+    r"^size_margin: \d+ bytes under",
     r"^config:\{",
     r"^dataset_fingerprint:val_sha256=[0-9a-f]{16} ",
     r"^Running Python ",
@@ -93,13 +92,13 @@ def test_smoke_run_log_has_every_official_line(sample_data, tmp_path):
     assert "def train_step(" in log  # the log carries the source that ran
     losses = train_losses(log)
     assert losses[40] < losses[1] - 1.0, "the smoke model should learn"
-    total = int(re.search(r"^Total submission size int8\+zlib: (\d+)", log, re.M)[1])
-    art = tmp_path / "runs/smoke/final_model.int8.ptz"
+    total = int(re.search(r"^Total submission size mixed\+brotli: (\d+)", log, re.M)[1])
+    art = tmp_path / "runs/smoke/final_model.mixed.ptz"
     code = sum((ROOT / f).stat().st_size for f in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (ROOT / f).exists())
     assert total == art.stat().st_size + code
     pre = float(re.search(r"^step:40/40 val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
-    post = float(re.search(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
-    assert abs(post - pre) < 0.05  # int8 costs little; a broken roundtrip costs a lot
+    post = float(re.search(r"^final_mixed_brotli_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
+    assert abs(post - pre) < 0.1  # int6 GPTQ costs a little; a broken roundtrip costs a lot
     assert sorted(p.name for p in (tmp_path / "runs/smoke").glob("ckpt_*.pt")) == ["ckpt_step000020.pt", "ckpt_step000040.pt"]
 
 
@@ -210,11 +209,11 @@ def test_model_compiles_fullgraph_without_breaks():
     x = torch.randint(0, 96, (2, 16))
     loss = compiled(x, x)
     loss.backward()
-    assert torch.isfinite(loss) and model.blocks[0].attn.c_q.weight.grad is not None
+    assert torch.isfinite(loss) and model.qo_bank.grad is not None
     nll = compiled(x, x, reduction="none")
     assert nll.shape == (32,) and torch.allclose(nll.mean(), loss)
-    ns = torch.compile(tg.newton_schulz5, backend="eager", fullgraph=True)
-    assert ns(torch.randn(32, 64), 5).dtype == torch.bfloat16
+    ns = torch.compile(tg.orthogonalize, backend="eager", fullgraph=True)
+    assert ns(torch.randn(3, 32, 64), 5, "polar").dtype == torch.bfloat16
 
 
 def test_bf16_autocast_step_runs_and_matches_fp32():
