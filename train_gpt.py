@@ -1221,7 +1221,7 @@ def train_step(r: Run, lr_mul: float, momentum: float) -> Tensor:
     r.opt.zero_grad()
     return loss_sum / r.rt.grad_accum
 
-def warmup(r: Run, train_files: list[Path]) -> None:
+def warmup(r: Run, fresh_loader) -> None:
     """Compile priming on real batches, for every graph the run will need (looping off and on), then
     weights, optimizer state and data position go back to the start: none of it counts as training."""
     cfg = r.cfg
@@ -1238,7 +1238,7 @@ def warmup(r: Run, train_files: list[Path]) -> None:
     r.base.looping = False
     r.base.load_state_dict(init_model)
     r.opt.load_state_dict(init_opt)
-    r.loader = DistributedTokenLoader(train_files, r.rt, cfg.vocab_size)
+    r.loader = fresh_loader()
 
 def run_id_default(cfg_path: str | None, seed: int) -> str:
     stem = Path(cfg_path).stem if cfg_path else "run"
@@ -1305,7 +1305,7 @@ def main(argv: list[str]) -> None:
     plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed)[0])
     for line in quantize.format_plan(plan).splitlines():
         log(f"artifact_plan: {line}")
-    warmup(r, train_files)
+    warmup(r, lambda: DistributedTokenLoader(train_files, rt, cfg.vocab_size))
     if ck is not None:
         restore_checkpoint(r, ck)
         del ck
@@ -1463,11 +1463,11 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     if rt.distributed:  # gloo aborts if one rank tears down while a peer is still in a collective
         dist.barrier()
 
-if __name__ == "__main__":
-    sys.modules.setdefault("train_gpt", sys.modules[__name__])  # quantize/ttt_eval import this same module
+def run_cli(main_fn) -> None:
+    """User errors end in one line and exit 2; the process group is torn down on every path."""
     code = 0
     try:
-        main(sys.argv[1:])
+        main_fn(sys.argv[1:])
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -1479,3 +1479,8 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("train_gpt", sys.modules[__name__])  # quantize/ttt_eval import this same module
+    run_cli(main)
