@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import train_gpt as tg
+
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
 CODE_FILES = ("train_gpt.py", "quantize.py", "ttt_eval.py")
@@ -488,10 +490,11 @@ def pack_files(root, out_dir) -> dict[str, int]:
         (out / f).write_text(pack_code((Path(root) / f).read_text(encoding="utf-8")), encoding="utf-8")
     return {f: (out / f).stat().st_size for f in CODE_FILES if (Path(root) / f).is_file()}
 
-def code_size(root, packed: bool = False) -> tuple[int, str]:
-    """-> (code bytes, detail); the detail starts with 'raw' or 'packed' (which count was used)."""
-    files = [Path(root) / f for f in CODE_FILES if (Path(root) / f).is_file()]
-    sizes = {p.name: len(pack_code(p.read_text(encoding="utf-8")).encode()) if packed else p.stat().st_size for p in files}
+def code_size(root, packed: bool = False, texts: dict[str, str] | None = None) -> tuple[int, str]:
+    """-> (code bytes, detail); the detail starts with 'raw' or 'packed' (which count was used).
+    texts: {file name: source} as read at the start of a run, so the count matches what ran."""
+    texts = texts or {f: (Path(root) / f).read_text(encoding="utf-8") for f in CODE_FILES if (Path(root) / f).is_file()}
+    sizes = {name: len((pack_code(src) if packed else src).encode()) for name, src in texts.items()}
     return sum(sizes.values()), ("packed " if packed else "raw ") + " ".join(f"{k}:{v}" for k, v in sizes.items())
 
 def check_budget(total: int, record_mode: bool = False, cap: int = SIZE_CAP_BYTES) -> str | None:
@@ -606,23 +609,12 @@ def parse_setting(item: str) -> tuple[str, object]:
         raise ValueError(f"setting '{item}' is not key=value")
     k, v = item.split("=", 1)
     key = setting_key(k.strip())
-    d, v = QUANT_DEFAULTS[key], v.strip()
-    try:
-        if isinstance(d, bool):
-            return key, {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}[v.lower()]
-        return key, type(d)(v)
-    except (KeyError, ValueError):
-        raise ValueError(f"setting {key}={v!r} is not a valid {type(d).__name__}") from None
+    return key, tg._coerce(key, v.strip(), type(QUANT_DEFAULTS[key]), "--set")
 
 def load_toml_settings(path) -> dict:
-    """The quant keys of a trainer TOML file ([tables] only group keys)."""
-    import tomllib
-
-    flat, stack = {}, [tomllib.loads(Path(path).read_text())]
-    while stack:
-        for k, v in stack.pop().items():
-            stack.append(v) if isinstance(v, dict) else flat.__setitem__(k, v)
-    return {k: v for k, v in flat.items() if k in QUANT_DEFAULTS}
+    """The quant keys of a trainer TOML file, read by the trainer's own config loader."""
+    cfg, src = tg.load_config(path, {}, {})  # only keys the file sets, so checkpoint settings stay unless overridden
+    return {k: getattr(cfg, k) for k in src if k in QUANT_DEFAULTS}
 
 def load_checkpoint(path) -> tuple[dict, dict]:
     """final_model.pt (raw state dict) or ckpt_step*.pt ({"model", "config", ...}) -> (2-D state, config)."""
@@ -634,22 +626,14 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
     state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    if any(b in state for b in BANK_NAMES):
-        try:
-            from train_gpt import unbank
-        except ImportError:
-            raise ValueError(f"{path} holds 3-D parameter banks ({', '.join(b for b in BANK_NAMES if b in state)}) "
-                             "and train_gpt.unbank is not importable; unbank it with the trainer first") from None
-        state = unbank(state)
-    return state, config
+    return (tg.unbank(state) if any(b in state for b in BANK_NAMES) else state), config
 
 def summarize(rs: list) -> tuple[int, float, float | None]:
     """Report rows -> (params, weight MSE over all their elements, mean relative Hessian error)."""
     n, hs = sum(r["numel"] for r in rs), [r["herr"] for r in rs if r["herr"] is not None]
     return n, sum(r["err2"] for r in rs) / max(n, 1), (sum(hs) / len(hs) if hs else None)
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3e}"
+_fmt = lambda x: "-" if x is None else f"{x:.3e}"  # noqa: E731
 
 def group_table(st: dict, compressor: str, shuffle: bool) -> list[str]:
     """One line per group of build_artifact's report; 'compressed' = the group compressed on its own."""
@@ -710,8 +694,5 @@ def main(argv: list[str]) -> None:
         print(f"{spec:<40}{s2['artifact_bytes']:>15,}{s2['artifact_bytes'] + code:>12,}{mse:>12.3e}{_fmt(herr):>10}")
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.modules.setdefault("quantize", sys.modules[__name__])  # the trainer's config loader imports this module
+    tg.run_cli(main)

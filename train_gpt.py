@@ -1125,11 +1125,11 @@ class Logger:
             self.fh.write(msg + "\n")
             self.fh.flush()
 
-def log_provenance(log: Logger, cfg: Config, sources: dict) -> None:
-    for name in ("train_gpt.py", "quantize.py", "ttt_eval.py"):
-        f = HERE / name
-        if f.is_file():
-            log(f"# ===== source: {name} =====\n{f.read_text(encoding='utf-8')}", console=False)
+def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
+    """Log the code that runs (read once: the code bytes are counted from these same texts)."""
+    texts = {n: (HERE / n).read_text(encoding="utf-8") for n in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (HERE / n).is_file()}
+    for name, text in texts.items():
+        log(f"# ===== source: {name} =====\n{text}", console=False)
     log("=" * 100, console=False)
     log(f"Running Python {sys.version.split()[0]} on {platform.platform()}", console=False)
     log(f"Running PyTorch {torch.__version__} cuda:{torch.version.cuda}", console=False)
@@ -1140,9 +1140,13 @@ def log_provenance(log: Logger, cfg: Config, sources: dict) -> None:
             smi = "nvidia-smi unavailable"
         log(smi, console=False)
     log("=" * 100, console=False)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    log(f"hardware:{f'{gpus}x{torch.cuda.get_device_name(0)}' if gpus else 'cpu'} world_size:{os.environ.get('WORLD_SIZE', '1')}")
+    log(f"argv:{' '.join(sys.argv)}")
     log(f"config:{json.dumps(asdict(cfg), sort_keys=True)}")
     if sources:
         log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())))
+    return texts
 
 
 # -----------------------------------------------------------------------------
@@ -1160,6 +1164,7 @@ class Run:
     avg: WeightAverage
     loader: DistributedTokenLoader
     out_dir: Path
+    sources: dict  # the code files as logged at start
     step: int = 0
     train_ms: float = 0.0
 
@@ -1262,7 +1267,7 @@ def main(argv: list[str]) -> None:
     log = Logger(rt, cfg.run_id, append=ck is not None)
     if ck is not None:
         log(f"resume:{opts['resume']} step:{ck['step']}")
-    log_provenance(log, cfg, sources)
+    texts = log_provenance(log, cfg, sources)
     seed_everything(cfg.seed)
 
     # tokenizer, byte LUTs, data integrity
@@ -1287,7 +1292,7 @@ def main(argv: list[str]) -> None:
     if use_compile:
         opt.ns = torch.compile(orthogonalize)
     r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
-            Path(cfg.out_dir or Path("runs") / cfg.run_id))
+            Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
     fpt, peak, backend = flops_per_token(cfg, base), peak_flops(rt.device), attention_backend(cfg, rt.device)
     log(f"model_params:{count_params(base)}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
@@ -1302,7 +1307,7 @@ def main(argv: list[str]) -> None:
     log(f"seed:{cfg.seed}")
     import quantize  # the artifact budget, before any compute is spent
 
-    plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed)[0])
+    plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed, texts)[0])
     for line in quantize.format_plan(plan).splitlines():
         log(f"artifact_plan: {line}")
     warmup(r, lambda: DistributedTokenLoader(train_files, rt, cfg.vocab_size))
@@ -1431,7 +1436,7 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
         log(f"post_average val_loss:{val_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     hessians = calibrate(r, quantize)
     art_path = r.out_dir / f"final_model.{cfg.quant_scheme}.ptz"
-    code_bytes, code_detail = quantize.code_size(HERE, packed=cfg.code_packed)
+    code_bytes, code_detail = quantize.code_size(HERE, cfg.code_packed, r.sources)
     if rt.is_main:
         state = unbank({k: v.detach().cpu() for k, v in r.base.state_dict().items()})
         atomic_save(state, r.out_dir / "final_model.pt")
@@ -1442,6 +1447,7 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
         t = time.perf_counter()
         st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians)
         tag = f"{cfg.quant_scheme}+{cfg.compressor}"
+        log(f"artifact:{art_path}")
         log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
             f"payload_ratio:{st['payload_ratio']:.2f}x) serialize_time:{1000 * (time.perf_counter() - t):.0f}ms compressor:{st['compressor_version']}")
         for line in quantize.group_table(st, cfg.compressor, cfg.byte_shuffle):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import sys
 import time
@@ -32,7 +33,7 @@ import train_gpt as tg
 @dataclass
 class TTTConfig:
     """Eval and test-time-training knobs; train_gpt.py merges them into its one flat config namespace."""
-    eval_mode: str = "legal_ttt"  # sliding | legal_ttt | multipass_min | prequant_ttt
+    eval_mode: str = "sliding"  # sliding | legal_ttt | multipass_min | prequant_ttt
     eval_seq_len: int = 0  # window length (0 = train_seq_len)
     eval_stride: int = 64  # scored positions per window after the first
     eval_batch_seqs: int = 32
@@ -374,6 +375,8 @@ def main(argv: list[str]) -> None:
     rt = tg.init_runtime(cfg)
     log = tg.Logger(rt, cfg.run_id or "eval", append=True)
     log(f"eval_start artifact:{artifact} bytes:{Path(artifact).stat().st_size} mode:{cfg.eval_mode} legality:{legality}")
+    src = Path(__file__).read_bytes()
+    log(f"eval_code:ttt_eval.py bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]} argv:{' '.join(sys.argv)}")
     for n in notes:
         log(f"eval_note:{n}")
     if legality != "legal":

@@ -405,7 +405,7 @@ def test_cli_smoke(tmp_path):
     torch.save({"model": state, "config": {"quant_scheme": "int8", "compressor": "zstd", "model_dim": 64}, "step": 3}, tmp_path / "ckpt_step000003.pt")
     H = {k: correlated(1, v.shape[1], n=1024, seed=i)[1] for i, (k, v) in enumerate(state.items()) if ".attn." in k or ".mlp." in k}
     torch.save(H, tmp_path / "h.pt")
-    (tmp_path / "c.toml").write_text('[artifact]\nquant_scheme = "mixed"\nquant_bits_mlp = 5\n[model]\nmodel_dim = 999\n')
+    (tmp_path / "c.toml").write_text('[artifact]\nquant_scheme = "mixed"\nquant_bits_mlp = 5\n[model]\nmodel_dim = 768\n')
     p = run_cli(tmp_path / "ckpt_step000003.pt", "--config", tmp_path / "c.toml", "--set", "clip=sdclip", "--set", "k_attn=10",
                 "--hessians", tmp_path / "h.pt", "--out", tmp_path / "o.ptz", "--compare", "clip=max;clip=sdclip,k_mlp=10;clip=max,gptq=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

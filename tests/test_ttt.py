@@ -115,7 +115,7 @@ def artifact(sample_data, tmp_path_factory):
 def run_eval(cwd, art, *extra, nproc=1, check=True):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     p = subprocess.run(launcher + [str(ROOT / "ttt_eval.py"), "--artifact", str(art), *extra], cwd=cwd, capture_output=True, text=True,
-                       timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"})
+                       timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-2000:] + p.stderr[-2000:])
     return p
