@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import gc
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
@@ -229,8 +231,6 @@ def validate_config(c: Config) -> None:
     need(c.num_layers >= 1 and c.vocab_size >= 2, "num_layers must be >= 1 and vocab_size >= 2")
     need(c.vocab_size <= 65536, f"vocab_size={c.vocab_size}: shards store uint16 ids, so at most 65,536")
     need(c.tokenizer_path.endswith(".model"), f"tokenizer_path={c.tokenizer_path} must be a SentencePiece .model file")
-    need(c.device in ("auto", "cuda", "cpu"), f"device must be auto, cuda or cpu, got '{c.device}'")
-    need(c.autocast_dtype in ("bf16", "fp32"), f"autocast_dtype must be bf16 or fp32, got '{c.autocast_dtype}'")
     need(c.virtual_world_size >= 1, "virtual_world_size must be >= 1")
     need(c.train_seq_len >= 1 and c.train_batch_tokens >= c.train_seq_len, "train_batch_tokens must be >= train_seq_len")
     need(c.iterations >= 0 and c.warmup_steps >= 0, "iterations and warmup_steps must be >= 0")
@@ -242,7 +242,7 @@ def validate_config(c: Config) -> None:
     for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
-                         ("weight_average", "none ema swa")):
+                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
         need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
 
 def parse_cli(argv: list[str]) -> tuple[dict, dict]:
@@ -251,10 +251,9 @@ def parse_cli(argv: list[str]) -> tuple[dict, dict]:
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
-            print("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n"
-                  "  --dry-run: print model_params and the resolved config; --resume: continue from a checkpoint\n"
-                  "config keys (env var = KEY in upper case):")
-            print("\n".join(f"  --{f.name}={f.default!r}  ({f.type})" for f in fields(config_class())))
+            print("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: print model_params "
+                  "and the resolved config; --resume: continue from a checkpoint\nconfig keys (env var = KEY in upper case):\n"
+                  + "\n".join(f"  --{f.name}={f.default!r}  ({f.type})" for f in fields(config_class())))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument '{arg}': options look like --key=value")
@@ -272,7 +271,6 @@ def parse_cli(argv: list[str]) -> tuple[dict, dict]:
         else:
             (opts if key in ("config", "resume") else overrides)[key] = val
     return opts, overrides
-
 
 # -----------------------------------------------------------------------------
 # DISTRIBUTED RUNTIME
@@ -314,7 +312,6 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 # -----------------------------------------------------------------------------
 # DATA: official shard format (256 x int32 header, uint16 tokens), loaders, integrity
@@ -364,7 +361,6 @@ class TokenStream:
 
     def __init__(self, files: list[Path], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
-        self.file_idx, self.pos, self.tokens = 0, 0, None
         self._load(0)
 
     def _load(self, idx: int) -> None:
@@ -392,19 +388,37 @@ class TokenStream:
 
 class DistributedTokenLoader:
     """Each call takes world*(local+1) contiguous tokens; rank r keeps its slice. So a global step
-    reads the same tokens in the same order at any (world size, grad_accum) split."""
+    reads the same tokens in the same order at any (world size, grad_accum) split. A worker thread
+    prepares the next batch (slice, int64, pinned) while this one trains; state() is the position
+    after the batches handed out, so a checkpoint never skips the prefetched one."""
 
     def __init__(self, files: list[Path], rt: Runtime, vocab_size: int):
-        self.rt, self.stream = rt, TokenStream(files, vocab_size)
+        self.rt, self.stream, self.ahead = rt, TokenStream(files, vocab_size), None
+        self.pool, self.pos = ThreadPoolExecutor(1), self.stream.state()
 
-    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def _host(self, global_tokens: int, seq_len: int) -> Tensor:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum)
         span = self.stream.take(self.rt.world_size * (local + 1))
-        mine = span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)]
-        t = torch.from_numpy(mine.astype(np.int64))
-        if self.rt.device.type == "cuda":
-            t = t.pin_memory().to(self.rt.device, non_blocking=True)
+        t = torch.from_numpy(span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)].astype(np.int64))
+        return t.pin_memory() if self.rt.device.type == "cuda" else t
+
+    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        key = (global_tokens, seq_len)
+        if self.ahead is not None and self.ahead[0] != key:  # another shape: give the prefetched batch back
+            self.load_state(self.pos)
+        t = self.ahead[1].result() if self.ahead is not None else self._host(*key)
+        self.pos, self.ahead = self.stream.state(), (key, self.pool.submit(self._host, *key))
+        t = t.to(self.rt.device, non_blocking=True)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+    def state(self) -> dict:
+        return self.pos
+
+    def load_state(self, s: dict) -> None:
+        if self.ahead is not None:
+            self.ahead[1].result()
+        self.stream.load_state(s)
+        self.pos, self.ahead = self.stream.state(), None
 
 def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], bos_id: int) -> list[str]:
     """The integrity check lives with the manifest format in data/prepare.py; a record folder that
@@ -430,16 +444,13 @@ def usable_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
         raise DataError(f"val split has {tokens.size} tokens, fewer than train_seq_len+1={seq_len + 1}")
     return tokens[: usable + 1]
 
-
 # -----------------------------------------------------------------------------
 # BYTE ACCOUNTING: val_bpb = sum NLL / (ln 2 * sum bytes of the SentencePiece-normalised text)
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token (base_bytes, has_leading_space, is_boundary); ids past the model's vocab are boundaries."""
     n = max(int(sp.vocab_size()), vocab_size)
-    base = np.zeros(n, dtype=np.int16)
-    space = np.zeros(n, dtype=np.bool_)
-    boundary = np.ones(n, dtype=np.bool_)
+    base, space, boundary = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.bool_), np.ones(n, dtype=np.bool_)
     for i in range(int(sp.vocab_size())):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -464,7 +475,6 @@ def bits_per_byte(nll_sum: float, byte_sum: float) -> float:
 
 def load_tokenizer(cfg: Config):
     import sentencepiece as spm
-
     p = Path(cfg.tokenizer_path)
     if not p.is_file():
         raise DataError(f"tokenizer {p} not found; download it with data/prepare.py or fix tokenizer_path")
@@ -472,7 +482,6 @@ def load_tokenizer(cfg: Config):
     if int(sp.vocab_size()) != cfg.vocab_size:
         raise ValueError(f"tokenizer {p} has vocab {sp.vocab_size()} but config vocab_size={cfg.vocab_size}; make them match")
     return sp
-
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -508,10 +517,10 @@ def fake_quant(w: Tensor, bits: int, rule: str, k: float, mix: Tensor) -> Tensor
     q = (torch.clamp(torch.round(w.detach().float() / s), -r, r) * s).to(w.dtype)
     return w + mix.to(w.dtype) * (q - w.detach())
 
-def attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor | None = None, fa3: bool = True) -> Tensor:
     """The one attention path (train, eval, TTT). (B,T,H,D) in and out; GQA when k/v have fewer heads.
     doc: per-token document ids; tokens then attend only within their own document."""
-    if _fa3 is not None and q.is_cuda and doc is None and q.dtype == torch.bfloat16:
+    if fa3 and _fa3 is not None and q.is_cuda and doc is None and q.dtype == torch.bfloat16:
         return _fa3(q, k, v, causal=True)
     mask = None
     if doc is not None:
@@ -547,10 +556,8 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
-        ln = 1 / math.sqrt(i + 1) if cfg.ln_scale else 1.0
-        if cfg.loop_ln_scale and cfg.loop_start <= i <= cfg.loop_end:
-            ln /= math.sqrt(cfg.num_loops + 1)
-        self.ln = ln
+        looped = cfg.loop_ln_scale and cfg.loop_start <= i <= cfg.loop_end
+        self.ln = (1 / math.sqrt(i + 1) if cfg.ln_scale else 1.0) / (math.sqrt(cfg.num_loops + 1) if looped else 1.0)
         self.xsa = i >= cfg.num_layers - cfg.xsa_last_n
         self.parallel = 0 <= cfg.parallel_start <= i
         if cfg.attn_gate == "dense":
@@ -579,7 +586,7 @@ class Block(nn.Module):
         gain = g.q_gain[c].to(q.dtype)  # (H, 1) or (H, 2): rope / nope dims
         rd = g.rope_dims
         q = torch.cat((q[..., :rd] * gain[:, :1], q[..., rd:] * gain[:, -1:]), -1) if gain.size(1) == 2 else q * gain
-        y = attention(q.to(v.dtype), k.to(v.dtype), v, ctx.get("doc"))
+        y = attention(q.to(v.dtype), k.to(v.dtype), v, ctx.get("doc"), cfg.attn_backend != "sdpa")
         if self.xsa:  # drop the part of each head's output along its own token's value direction
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             yg = y.view(B, T, KV, H // KV, D)
@@ -802,15 +809,11 @@ def flops_per_token(cfg: Config, model: GPT) -> float:
     per_core = sum(b[0].numel() for b in (model.qo_bank, model.kv_bank)) * 2 + model.mlp_up_bank[0].numel() * 2
     return 6.0 * (len(passes) * per_core + cfg.vocab_size * cfg.model_dim) + 6.0 * len(passes) * cfg.train_seq_len * cfg.model_dim
 
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
 
 # -----------------------------------------------------------------------------
 # OPTIMIZERS: Parallel Muon over the banks, AdamW for the rest, schedules, weight averaging
@@ -828,8 +831,7 @@ def orthogonalize(G: Tensor, steps: int, coeffs: str = "ns5", eps: float = 1e-7)
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tr = G.size(-2) > G.size(-1)
-    if tr:
-        X = X.mT
+    X = X.mT if tr else X
     for a, b, c in (NS5 * steps if coeffs == "ns5" else POLAR_EXPRESS[:steps]):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
@@ -844,16 +846,8 @@ def param_groups(model: nn.Module, cfg: Config) -> dict[str, list[tuple[str, nn.
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in tables:
-            k = "embed"
-        elif name == "lm_head":
-            k = "head"
-        elif name in BANKS:
-            k = "bank"
-        elif p.ndim == 2 and not any(c in name for c in control + to_adam):
-            k = "matrix"
-        else:
-            k = "scalar"
+        k = ("embed" if id(p) in tables else "head" if name == "lm_head" else "bank" if name in BANKS else
+             "matrix" if p.ndim == 2 and not any(c in name for c in control + to_adam) else "scalar")
         groups[k].append((name, p))
     return groups
 
@@ -1029,10 +1023,8 @@ def lr_multiplier(cfg: Config, step: int, elapsed_ms: float) -> float:
     return max((1 - f) / cfg.warmdown_frac, cfg.min_lr)
 
 def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0) -> float:
-    if cfg.muon_momentum_warmup_frac > 0:
-        frac = min(progress(cfg, step, elapsed_ms) / cfg.muon_momentum_warmup_frac, 1.0)
-    else:
-        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+    frac = (min(progress(cfg, step, elapsed_ms) / cfg.muon_momentum_warmup_frac, 1.0) if cfg.muon_momentum_warmup_frac > 0 else
+            min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0)
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 class WeightAverage:
@@ -1056,15 +1048,12 @@ class WeightAverage:
 
     @torch.no_grad()
     def apply(self) -> str:
-        if self.kind == "ema":
-            for p, a in zip(self.params, self.avg):
-                p.copy_(a.to(p.dtype))
-            return f"ema decay={self.cfg.ema_decay}"
-        if self.kind == "swa" and self.count:
-            for p, a in zip(self.params, self.avg):
-                p.copy_((a / self.count).to(p.dtype))
-            return f"swa snapshots={self.count} every={self.cfg.swa_every} below_lr_mul={self.cfg.swa_lr_threshold}"
-        return "none (live weights)" + (" - swa took no snapshot" if self.kind == "swa" else "")
+        n = 1 if self.kind == "ema" else self.count
+        if self.kind == "none" or not n:
+            return "none (live weights)" + (" - swa took no snapshot" if self.kind == "swa" else "")
+        for p, a in zip(self.params, self.avg):
+            p.copy_((a / n).to(p.dtype))
+        return f"ema decay={self.cfg.ema_decay}" if self.kind == "ema" else f"swa snapshots={self.count} every={self.cfg.swa_every} below_lr_mul={self.cfg.swa_lr_threshold}"
 
     def state_dict(self) -> dict:
         return {"avg": [a.detach().cpu().clone() for a in self.avg], "count": self.count}
@@ -1073,7 +1062,6 @@ class WeightAverage:
         for a, b in zip(self.avg, s["avg"], strict=True):
             a.copy_(b)
         self.count = int(s["count"])
-
 
 # -----------------------------------------------------------------------------
 # EVALUATION AND LOGGING
@@ -1148,7 +1136,6 @@ def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
         log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())))
     return texts
 
-
 # -----------------------------------------------------------------------------
 # TRAINING: a Run bundles the state; checkpoints hold plain tensors and primitives only
 # (torch.load(weights_only=True) can read them, nothing in them can execute)
@@ -1181,7 +1168,7 @@ def save_checkpoint(r: Run) -> None:
     path = r.out_dir / f"ckpt_step{r.step:06d}.pt"
     atomic_save({"format": "pgolf-ckpt/2", "step": r.step, "training_time_ms": r.train_ms, "config": asdict(r.cfg),
                  "model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "opt": opt,
-                 "avg": r.avg.state_dict(), "looping": r.base.looping, "loader": r.loader.stream.state()}, path)
+                 "avg": r.avg.state_dict(), "looping": r.base.looping, "loader": r.loader.state()}, path)
     old = sorted(r.out_dir.glob("ckpt_step*.pt"))
     for f in old[: max(len(old) - r.cfg.keep_checkpoints, 0)]:
         f.unlink()
@@ -1205,7 +1192,7 @@ def restore_checkpoint(r: Run, ck: dict) -> None:
         raise ValueError(f"checkpoint does not fit this model config ({str(e).splitlines()[0]}); resume with the run's config") from None
     r.opt.load_state_dict(ck["opt"])
     r.avg.load_state_dict(ck["avg"])
-    r.loader.stream.load_state(ck["loader"])
+    r.loader.load_state(ck["loader"])
     r.base.looping, r.step, r.train_ms = bool(ck["looping"]), int(ck["step"]), float(ck["training_time_ms"])
 
 def seed_everything(seed: int) -> None:
@@ -1306,11 +1293,12 @@ def main(argv: list[str]) -> None:
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
     log(f"seed:{cfg.seed}")
     import quantize  # the artifact budget, before any compute is spent
-
     plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed, texts)[0])
     for line in quantize.format_plan(plan).splitlines():
         log(f"artifact_plan: {line}")
     warmup(r, lambda: DistributedTokenLoader(train_files, rt, cfg.vocab_size))
+    gc.collect()
+    gc.freeze()  # what lives now lives to the end: the collector skips it instead of pausing steps
     if ck is not None:
         restore_checkpoint(r, ck)
         del ck
@@ -1319,13 +1307,30 @@ def main(argv: list[str]) -> None:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     finish(r, val_tokens, luts, pre_bpb)
 
+class StopVote:
+    """The ranks' wallclock stop vote without a host sync in the step: the MAX all-reduce runs on the
+    device and is read one step later, after the next step is queued (callers vote one step ahead)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.device, self.pending = device.type == "cuda", device, None
+
+    def __call__(self, vote: bool) -> bool:
+        t = all_reduce_(torch.tensor([float(vote)], pin_memory=self.cuda).to(self.device, non_blocking=True), dist.ReduceOp.MAX)
+        prev, self.pending = self.pending, (t.to("cpu", non_blocking=True), torch.cuda.Event() if self.cuda else None)
+        if self.cuda:
+            self.pending[1].record()
+            if prev is not None:
+                prev[1].synchronize()
+        return prev is not None and float(prev[0][0]) > 0
+
 def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None) -> float:
     """Train until iterations or the wallclock budget; returns the last validation bpb."""
     cfg, rt, log = r.cfg, r.rt, r.log
     resumed_at = r.step if r.step > 0 else None  # that step's validation already ran before the crash
     cap_ms = train_budget_ms(cfg) if cfg.max_wallclock_seconds > 0 else None
     stop_after: int | None = None
-    loss_acc, n_acc, window_ms = torch.zeros((), device=rt.device), 0, 0.0
+    loss_acc, n_acc, window_ms, step_ms = torch.zeros((), device=rt.device), 0, 0.0, 0.0
+    vote, qat_on = StopVote(rt.device), float(r.base.qat_mix) > 0  # both avoid a host sync per step
     sync(rt.device)
     t0 = time.perf_counter()
     while True:
@@ -1348,7 +1353,8 @@ def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None)
         if cfg.num_loops > 0 and not r.base.looping and (r.step >= cfg.loop_at_step > 0 or (not cfg.loop_at_step and frac >= cfg.loop_at_frac)):
             r.base.looping = True  # all ranks agree: the clock is synchronised at the cap, the schedule is rank-free
             log(f"layer_loop:on step:{r.step} frac:{frac:.3f} schedule:{layer_order(cfg, True)}")
-        if cfg.qat and float(r.base.qat_mix) == 0.0 and lr_mul < cfg.qat_lr_threshold:
+        if cfg.qat and not qat_on and lr_mul < cfg.qat_lr_threshold:
+            qat_on = True
             r.base.qat_mix.fill_(1.0)
             log(f"late_qat:on step:{r.step} lr_mul:{lr_mul:.4f} grid:per-row int{cfg.quant_bits_attn}/int{cfg.quant_bits_mlp} "
                 f"clip:{'sdclip' if cfg.quant_clip == 'sdclip' else 'max'}")
@@ -1359,9 +1365,9 @@ def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None)
         n_acc += 1
         approx_ms = r.train_ms + 1000.0 * (time.perf_counter() - t0)
         window_ms += 1000.0 * (time.perf_counter() - t_step)
-        reached = cap_ms is not None and approx_ms >= cap_ms
-        if rt.distributed:  # every rank stops on the same step
-            reached = all_reduce_(torch.tensor(float(reached), device=rt.device), dist.ReduceOp.MAX).item() > 0
+        reached = cap_ms is not None and approx_ms + (step_ms if rt.distributed else 0.0) >= cap_ms
+        reached = vote(reached) if rt.distributed and cap_ms is not None else reached  # every rank stops on the same step
+        step_ms = 1000.0 * (time.perf_counter() - t_step)
         if stop_after is None and reached:
             stop_after = r.step
         if r.step <= 10 or r.step % cfg.train_log_every == 0 or stop_after is not None or r.step == cfg.iterations:
@@ -1425,7 +1431,6 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     """Resumable checkpoint, weight average, GPTQ calibration, raw weights, artifact, size accounting,
     then the score of the artifact re-loaded from disk into the model."""
     import quantize
-
     cfg, rt, log = r.cfg, r.rt, r.log
     save_checkpoint(r)
     r.base.looping = cfg.num_loops > 0  # the scored model always runs its full schedule
@@ -1481,8 +1486,8 @@ def run_cli(main_fn) -> None:
         dist.destroy_process_group()
         # gloo can abort ("terminate called without an active exception") while the interpreter
         # tears down its threads; everything is written and flushed, so leave without teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for f in (sys.stdout, sys.stderr):
+            f.flush()
         os._exit(code)
     sys.exit(code)
 
