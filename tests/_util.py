@@ -54,3 +54,19 @@ def _config_env() -> set[str]:
 
 
 CONFIG_ENV = _config_env()
+
+
+def awake_model(cfg, scale: float = 0.05):
+    """GPT(cfg) built under seed 0 with every parameter nudged by N(0, scale^2): zero-initialised
+    projections, gates and lambdas would otherwise hide whole paths from a test."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import train_gpt
+
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model

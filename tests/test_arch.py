@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from _util import ROOT, read_log, run_train, tiny_args
+from _util import ROOT, awake_model, read_log, run_train, tiny_args
 
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
@@ -43,11 +43,7 @@ SEED_PARAMS = {"baseline": 17_059_912, "pr473": 27_124_828, "pr526": 24_634_452,
 
 def build(over: dict, path=None, looping=True):
     cfg, _ = tg.load_config(path, {k: str(v) for k, v in over.items()}, {})
-    torch.manual_seed(0)
-    model = tg.GPT(cfg)
-    with torch.no_grad():  # wake every zero-initialised path (projections, gates, lambdas)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = awake_model(cfg)
     model.looping = looping and cfg.num_loops > 0
     return cfg, model.eval()
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from _util import ROOT
+from _util import ROOT, awake_model
 
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
@@ -33,11 +33,7 @@ def _loss_and_grads(model, x, y):
 @pytest.mark.parametrize("name", SEED_CONFIGS)
 def test_compiled_matches_eager_in_bf16(name):
     cfg, _ = tg.load_config(str(ROOT / f"configs/{name}.toml"), {"train_seq_len": "1024"}, {})
-    torch.manual_seed(0)
-    base = tg.GPT(cfg).cuda()
-    with torch.no_grad():  # zero-init projections make a fresh model nearly trivial; give every path signal
-        for p in base.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    base = awake_model(cfg, 0.02).cuda()
     compiled = torch.compile(base, dynamic=False, fullgraph=True)  # fullgraph: a graph break is an error
     x, y = _batch(cfg)
     for looping in [False, True] if cfg.num_loops else [False]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _util import ROOT
+from _util import ROOT, awake_model
 
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
@@ -196,12 +196,7 @@ def test_ema_and_swa_arithmetic_by_hand():
 
 def qat_model(**over):
     cfg = small_cfg(qat=1, quant_bits_attn=6, quant_bits_mlp=5, **over)
-    torch.manual_seed(0)
-    model = tg.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return cfg, model
+    return cfg, awake_model(cfg)
 
 
 @pytest.mark.parametrize("clip", ["max", "sdclip"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _util import ROOT, run_train
+from _util import ROOT, awake_model, run_train
 
 sys.path.insert(0, str(ROOT))
 import quantize  # noqa: E402
@@ -34,12 +34,7 @@ def test_windows_score_every_target_exactly_once(n, L, stride):
 def tiny(sample_data, **over):
     cfg, _ = tg.load_config(None, {k: str(v) for k, v in {**TINY, "tokenizer_path": sample_data["tokenizer_path"],
                                                               "data_path": sample_data["data_path"], **over}.items()}, {})
-    torch.manual_seed(0)
-    model = tg.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return cfg, model
+    return cfg, awake_model(cfg)
 
 
 def val_tokens(sample_data, n=None):
