@@ -276,7 +276,7 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
                 entries[name] = {"scheme": "int8_row", "dtype": dtype}
             else:
                 flat = t.float().reshape(-1)
-                clip = torch.quantile(flat.abs(), INT8_CLIP_Q).clamp_min(1e-12) if flat.numel() <= 2**24 else flat.abs().max()
+                clip = (torch.quantile(flat.abs(), INT8_CLIP_Q) if flat.numel() <= 2**24 else flat.abs().max()).clamp_min(1e-12)
                 scale = clip / 127.0
                 tensors[keys[0]] = torch.clamp(torch.round(t.float() / scale), -127, 127).to(torch.int8)
                 tensors[keys[1]] = scale.reshape(1).float()
@@ -493,7 +493,7 @@ def pack_files(root, out_dir) -> dict[str, int]:
 def code_size(root, packed: bool = False, texts: dict[str, str] | None = None) -> tuple[int, str]:
     """-> (code bytes, detail); the detail starts with 'raw' or 'packed' (which count was used).
     texts: {file name: source} as read at the start of a run, so the count matches what ran."""
-    texts = texts or {f: (Path(root) / f).read_text(encoding="utf-8") for f in CODE_FILES if (Path(root) / f).is_file()}
+    texts = texts or {f: (Path(root) / f).read_bytes().decode("utf-8") for f in CODE_FILES if (Path(root) / f).is_file()}
     sizes = {name: len((pack_code(src) if packed else src).encode()) for name, src in texts.items()}
     return sum(sizes.values()), ("packed " if packed else "raw ") + " ".join(f"{k}:{v}" for k, v in sizes.items())
 
@@ -671,14 +671,14 @@ def main(argv: list[str]) -> None:
     base.update({k: v for k, v in (("quant_scheme", args.scheme), ("compressor", args.compressor)) if v})
     base.update(parse_setting(s) for s in args.set)
     hessians = torch.load(args.hessians, map_location="cpu", weights_only=True) if args.hessians else None
-    code, detail = code_size(Path(__file__).resolve().parent, packed=args.packed)
     c = quant_settings(base)
+    code, detail = code_size(Path(__file__).resolve().parent, packed=args.packed or c["code_packed"])
     blob, st = build_artifact(state, config, c, hessians)
     print(f"checkpoint:{args.checkpoint} scheme:{c['quant_scheme']} compressor:{st['compressor_version']} byte_shuffle:{st['byte_shuffle']}")
     print("\n".join(group_table(st, c["compressor"], c["byte_shuffle"])))
     total = st["artifact_bytes"] + code
     print(f"artifact_bytes:{st['artifact_bytes']} code_bytes:{code} ({detail}) total:{total} margin:{SIZE_CAP_BYTES - total}")
-    warn = check_budget(total, args.record)
+    warn = check_budget(total, args.record or c["record_mode"])
     if warn:
         print(warn)
     if args.out:

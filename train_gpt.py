@@ -245,9 +245,9 @@ def validate_config(c: Config) -> None:
                          ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
         need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
 
-def parse_cli(argv: list[str]) -> tuple[dict, dict]:
+def parse_cli(argv: list[str], paths: tuple = ("config", "resume")) -> tuple[dict, dict]:
     """--config FILE, --resume CKPT, --dry-run, --key=value (or --key value; a bare --flag is true)."""
-    opts, overrides, i = {"config": None, "dry_run": False, "resume": None}, {}, 0
+    opts, overrides, i = {"dry_run": False, **dict.fromkeys(paths)}, {}, 0
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
@@ -269,7 +269,7 @@ def parse_cli(argv: list[str]) -> tuple[dict, dict]:
         if key == "dry_run":
             opts[key] = _coerce(key, val, bool, "--dry-run")
         else:
-            (opts if key in ("config", "resume") else overrides)[key] = val
+            (opts if key in paths else overrides)[key] = val
     return opts, overrides
 
 # -----------------------------------------------------------------------------
@@ -312,6 +312,8 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the ranks restart their clocks together (after validation, checkpoint writes)
 
 # -----------------------------------------------------------------------------
 # DATA: official shard format (256 x int32 header, uint16 tokens), loaders, integrity
@@ -479,8 +481,9 @@ def load_tokenizer(cfg: Config):
     if not p.is_file():
         raise DataError(f"tokenizer {p} not found; download it with data/prepare.py or fix tokenizer_path")
     sp = spm.SentencePieceProcessor(model_file=str(p))
-    if int(sp.vocab_size()) != cfg.vocab_size:
-        raise ValueError(f"tokenizer {p} has vocab {sp.vocab_size()} but config vocab_size={cfg.vocab_size}; make them match")
+    if int(sp.vocab_size()) != cfg.vocab_size or int(sp.bos_id()) != cfg.bos_id:
+        raise ValueError(f"tokenizer {p} has vocab {sp.vocab_size()} but config vocab_size={cfg.vocab_size} (tokenizer bos_id "
+                         f"{sp.bos_id()}, config bos_id={cfg.bos_id}); make them match")
     return sp
 
 # -----------------------------------------------------------------------------
@@ -534,7 +537,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, doc: Tensor | None = None, fa3: b
 def attention_backend(cfg: Config, device: torch.device) -> str:
     if cfg.attn_backend == "fa3" and _fa3 is None:
         raise ValueError("attn_backend=fa3 but flash_attn_interface is not importable; install FA3 or use attn_backend=auto")
-    if _fa3 is not None and device.type == "cuda" and cfg.attn_backend != "sdpa" and not cfg.doc_attention:
+    if _fa3 is not None and device.type == "cuda" and cfg.attn_backend != "sdpa" and not cfg.doc_attention and cfg.autocast_dtype == "bf16":
         return "fa3"
     return "sdpa"
 
@@ -553,8 +556,7 @@ class Block(nn.Module):
         super().__init__()
         d, H = cfg.model_dim, cfg.num_heads
         self.i, self.core = i, i % (cfg.num_cores or cfg.num_layers)
-        self.attn_scale = nn.Parameter(torch.ones(d))
-        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         looped = cfg.loop_ln_scale and cfg.loop_start <= i <= cfg.loop_end
         self.ln = (1 / math.sqrt(i + 1) if cfg.ln_scale else 1.0) / (math.sqrt(cfg.num_loops + 1) if looped else 1.0)
@@ -801,11 +803,11 @@ def rebank(state: dict) -> dict:
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-def flops_per_token(cfg: Config, model: GPT) -> float:
+def flops_per_token(cfg: Config, model: GPT, looping: bool) -> float:
     """Training FLOPs per token: 6 x matmul weights applied per token (shared cores count once per
     pass, the output head included) + causal attention 6 * T * d per layer pass (QK^T and AV over
-    seq_len/2 keys on average, forward + backward). Uses the looped schedule when looping is on."""
-    passes = layer_order(cfg, cfg.num_loops > 0)
+    seq_len/2 keys on average, forward + backward), over the layer schedule with looping off or on."""
+    passes = layer_order(cfg, looping)
     per_core = sum(b[0].numel() for b in (model.qo_bank, model.kv_bank)) * 2 + model.mlp_up_bank[0].numel() * 2
     return 6.0 * (len(passes) * per_core + cfg.vocab_size * cfg.model_dim) + 6.0 * len(passes) * cfg.train_seq_len * cfg.model_dim
 
@@ -1110,12 +1112,11 @@ class Logger:
     def __call__(self, msg: str = "", console: bool = True) -> None:
         if self.rt.is_main:
             print(msg, flush=True) if console else None
-            self.fh.write(msg + "\n")
-            self.fh.flush()
+            print(msg, file=self.fh, flush=True)
 
 def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
     """Log the code that runs (read once: the code bytes are counted from these same texts)."""
-    texts = {n: (HERE / n).read_text(encoding="utf-8") for n in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (HERE / n).is_file()}
+    texts = {n: (HERE / n).read_bytes().decode("utf-8") for n in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (HERE / n).is_file()}
     for name, text in texts.items():
         log(f"# ===== source: {name} =====\n{text}", console=False)
     log("=" * 100, console=False)
@@ -1280,7 +1281,7 @@ def main(argv: list[str]) -> None:
         opt.ns = torch.compile(orthogonalize)
     r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
             Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
-    fpt, peak, backend = flops_per_token(cfg, base), peak_flops(rt.device), attention_backend(cfg, rt.device)
+    peak, backend = peak_flops(rt.device), attention_backend(cfg, rt.device)
     log(f"model_params:{count_params(base)}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
     log(f"attention_backend:{backend}" + ("" if backend == "fa3" or rt.device.type != "cuda" else
@@ -1302,35 +1303,39 @@ def main(argv: list[str]) -> None:
     if ck is not None:
         restore_checkpoint(r, ck)
         del ck
-    pre_bpb = train_loop(r, val_tokens, luts, fpt, peak)
+    pre_bpb = train_loop(r, val_tokens, luts, peak)
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     finish(r, val_tokens, luts, pre_bpb)
 
 class StopVote:
-    """The ranks' wallclock stop vote without a host sync in the step: the MAX all-reduce runs on the
-    device and is read one step later, after the next step is queued (callers vote one step ahead)."""
+    """The stop decision and schedule clock all ranks share, without a host sync in the step: the host
+    waits only for the previous step (this one keeps the GPU busy), votes whether the next step would
+    end past the cap, and (vote, clock) is MAX-all-reduced on the device and read one call later."""
 
     def __init__(self, device: torch.device):
         self.cuda, self.device, self.pending = device.type == "cuda", device, None
 
-    def __call__(self, vote: bool) -> bool:
-        t = all_reduce_(torch.tensor([float(vote)], pin_memory=self.cuda).to(self.device, non_blocking=True), dist.ReduceOp.MAX)
-        prev, self.pending = self.pending, (t.to("cpu", non_blocking=True), torch.cuda.Event() if self.cuda else None)
+    def __call__(self, clock, step_ms: float, cap_ms: float) -> tuple[bool, float | None]:
+        prev = self.pending
+        if prev is not None and prev[1] is not None:
+            prev[1].synchronize()
+        now = clock()
+        vote = now + (2 if self.cuda else 1) * step_ms >= cap_ms  # on CUDA this step is still running
+        t = torch.tensor([float(vote), now], dtype=torch.float64, pin_memory=self.cuda).to(self.device, non_blocking=True)
+        self.pending = (all_reduce_(t, dist.ReduceOp.MAX).to("cpu", non_blocking=True), torch.cuda.Event() if self.cuda else None)
         if self.cuda:
             self.pending[1].record()
-            if prev is not None:
-                prev[1].synchronize()
-        return prev is not None and float(prev[0][0]) > 0
+        return (False, None) if prev is None else (bool(prev[0][0] > 0), float(prev[0][1]))
 
-def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None) -> float:
+def train_loop(r: Run, val_tokens: Tensor, luts, peak: float | None) -> float:
     """Train until iterations or the wallclock budget; returns the last validation bpb."""
     cfg, rt, log = r.cfg, r.rt, r.log
     resumed_at = r.step if r.step > 0 else None  # that step's validation already ran before the crash
     cap_ms = train_budget_ms(cfg) if cfg.max_wallclock_seconds > 0 else None
     stop_after: int | None = None
-    loss_acc, n_acc, window_ms, step_ms = torch.zeros((), device=rt.device), 0, 0.0, 0.0
-    vote, qat_on = StopVote(rt.device), float(r.base.qat_mix) > 0  # both avoid a host sync per step
+    loss_acc, n_acc, window_ms, step_ms, reached = torch.zeros((), device=rt.device), 0, 0.0, 0.0, False
+    vote, qat_on, elapsed = StopVote(rt.device), False, r.train_ms  # QAT restarts below its threshold on resume
     sync(rt.device)
     t0 = time.perf_counter()
     while True:
@@ -1348,10 +1353,9 @@ def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None)
             if stop_after is not None and r.step < cfg.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{r.train_ms:.0f}ms step:{r.step}/{cfg.iterations}")
             return val_bpb
-        elapsed = r.train_ms + 1000.0 * (time.perf_counter() - t0)
         lr_mul, frac = lr_multiplier(cfg, r.step, elapsed), progress(cfg, r.step, elapsed)
         if cfg.num_loops > 0 and not r.base.looping and (r.step >= cfg.loop_at_step > 0 or (not cfg.loop_at_step and frac >= cfg.loop_at_frac)):
-            r.base.looping = True  # all ranks agree: the clock is synchronised at the cap, the schedule is rank-free
+            r.base.looping = True  # all ranks agree: the schedule reads the shared clock
             log(f"layer_loop:on step:{r.step} frac:{frac:.3f} schedule:{layer_order(cfg, True)}")
         if cfg.qat and not qat_on and lr_mul < cfg.qat_lr_threshold:
             qat_on = True
@@ -1365,17 +1369,17 @@ def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None)
         n_acc += 1
         approx_ms = r.train_ms + 1000.0 * (time.perf_counter() - t0)
         window_ms += 1000.0 * (time.perf_counter() - t_step)
-        reached = cap_ms is not None and approx_ms + (step_ms if rt.distributed else 0.0) >= cap_ms
-        reached = vote(reached) if rt.distributed and cap_ms is not None else reached  # every rank stops on the same step
+        if cap_ms is not None:  # every rank stops on the same step and schedules by the same (MAX) clock
+            reached, agreed = vote(lambda: r.train_ms + 1000.0 * (time.perf_counter() - t0), step_ms, cap_ms)
+            elapsed = elapsed if agreed is None else agreed
         step_ms = 1000.0 * (time.perf_counter() - t_step)
-        if stop_after is None and reached:
-            stop_after = r.step
+        stop_after = r.step if stop_after is None and reached else stop_after
         if r.step <= 10 or r.step % cfg.train_log_every == 0 or stop_after is not None or r.step == cfg.iterations:
             train_loss = (all_reduce_(loss_acc) / rt.world_size).item() / n_acc  # mean over ranks and steps since the last line
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train_loss is {train_loss} at step {r.step}: training diverged; lower the learning rates or enable grad_clip_norm")
             tok_s = cfg.train_batch_tokens * n_acc / max(window_ms / 1000.0, 1e-9)
-            mfu = f"{100 * fpt * tok_s / (peak * rt.world_size):.1f}%" if peak else "n/a"
+            mfu = f"{100 * flops_per_token(cfg, r.base, r.base.looping) * tok_s / (peak * rt.world_size):.1f}%" if peak else "n/a"
             log(f"step:{r.step}/{cfg.iterations} train_loss:{train_loss:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / max(r.step, 1):.2f}ms tok_s:{tok_s:.0f} mfu:{mfu}")
             loss_acc, n_acc, window_ms = torch.zeros((), device=rt.device), 0, 0.0
         if cfg.checkpoint_every > 0 and r.step % cfg.checkpoint_every == 0 and r.step < cfg.iterations:
@@ -1385,9 +1389,9 @@ def train_loop(r: Run, val_tokens: Tensor, luts, fpt: float, peak: float | None)
             t0 = time.perf_counter()
 
 @torch.no_grad()
-def generate(model: GPT, cfg: Config, n: int, device, temperature: float = 0.8) -> Tensor:
+def generate(model: GPT, cfg: Config, n: int, device, seed: int, temperature: float = 0.8) -> Tensor:
     """n sequences of train_seq_len tokens sampled from the model from BOS (GPTQ self-calibration)."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     x = torch.full((n, 1), cfg.bos_id, dtype=torch.long, device=device)
     with autocast(cfg, device):
         for _ in range(cfg.train_seq_len - 1):
@@ -1405,8 +1409,8 @@ def calibrate(r: Run, quantize) -> dict | None:
     t, H = time.perf_counter(), {}
     mode = r.base.training
     r.base.eval()
-    xs = ([generate(r.base, cfg, max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1), rt.device)
-           for _ in range(cfg.gptq_calib_batches)] if cfg.gptq_calib_source == "self" else
+    xs = ([generate(r.base, cfg, max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1), rt.device,
+                    cfg.seed + 1000 * rt.rank + i) for i in range(cfg.gptq_calib_batches)] if cfg.gptq_calib_source == "self" else
           [r.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len)[0] for _ in range(cfg.gptq_calib_batches)])
     CAPTURE = lambda name, x: quantize.accumulate_hessian(H, name, x)  # noqa: E731
     try:
@@ -1461,18 +1465,17 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
         log(f"Total submission size {tag}: {total} bytes")
         log(f"bits_per_param:{8 * st['artifact_bytes'] / count_params(r.base):.3f} (artifact bytes * 8 / {count_params(r.base)} params)")
         log(quantize.check_budget(total, cfg.record_mode) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
-    if rt.distributed:
-        dist.barrier()
+    sync(rt.device)  # the artifact is on disk before any rank reads it
     t = time.perf_counter()
     state, _, _ = quantize.read_artifact(art_path)
     r.base.load_state_dict(rebank(state), strict=True)
+    r.base.qat_mix.zero_()  # a non-persistent buffer: late QAT would fake-quantize the artifact's weights again
     val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
     name = f"final_{cfg.quant_scheme}_{cfg.compressor}_roundtrip"
     log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     log(f"quant_gap val_bpb:{val_bpb - pre_bpb:+.6f} (roundtrip {val_bpb:.6f} - pre-quant {pre_bpb:.6f})")
-    if rt.distributed:  # gloo aborts if one rank tears down while a peer is still in a collective
-        dist.barrier()
+    sync(rt.device)  # gloo aborts if one rank tears down while a peer is still in a collective
 
 def run_cli(main_fn) -> None:
     """User errors end in one line and exit 2; the process group is torn down on every path."""

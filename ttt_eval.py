@@ -47,7 +47,7 @@ class TTTConfig:
     ttt_nesterov: bool = False
     ttt_wd: float = 0.0
     ttt_epochs: int = 3
-    ttt_batch_seqs: int = 32  # sequences per rank per step
+    ttt_batch_seqs: int = 32  # sequences per TTT step, over all ranks together
     ttt_freeze_blocks: int = 0  # the first N blocks (their scalars and their cores' bank slices) stay fixed
     ttt_min_numel: int = 0  # adapt only tensors with at least this many elements (PR #1812: 10,000)
     ttt_grad_clip: float = 1.0
@@ -111,7 +111,9 @@ class Scores:
         self.count = torch.zeros(n_tokens, dtype=torch.int32, device=device) if track else None
 
     def add(self, nll: Tensor, nbytes: Tensor, idx: Tensor) -> None:
-        self.sums += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), device=nll.device), nbytes.double().sum()])
+        self.sums[0] += nll.double().sum()
+        self.sums[1] += nll.numel()  # a Python number: no host-to-device copy per batch
+        self.sums[2] += nbytes.double().sum()
         if self.nll is not None:
             self.nll.index_add_(0, idx, nll.double())
             self.count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
@@ -361,11 +363,10 @@ def main(argv: list[str]) -> None:
     t_all = time.perf_counter()
     flags = {a for a in argv if a in ("--check-legality", "--allow-illegal")}
     argv = [a for a in argv if a not in flags]
-    artifact = next((argv[i + 1] if "=" not in a else a.split("=", 1)[1] for i, a in enumerate(argv) if a.startswith("--artifact")), None)
-    argv = [a for i, a in enumerate(argv) if not a.startswith("--artifact") and not (i > 0 and argv[i - 1] == "--artifact")]
+    opts, overrides = tg.parse_cli(argv, ("config", "artifact"))
+    artifact = opts["artifact"]
     if not artifact:
         raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz")
-    opts, overrides = tg.parse_cli(argv)
     cfg, notes, state = load(opts["config"], overrides, artifact)
     legality = MODES[cfg.eval_mode]
     if legality != "legal" and cfg.record_mode:
@@ -395,7 +396,9 @@ def main(argv: list[str]) -> None:
         f"world_size:{rt.world_size} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} epochs:{cfg.ttt_epochs} freeze:{cfg.ttt_freeze_blocks}")
     if "--check-legality" in flags:
-        fails = check_legality(cfg, model, tokens[: min(tokens.numel(), 8 * (cfg.eval_seq_len or cfg.train_seq_len) + 1)], luts, rt)
+        # enough tokens for several TTT chunks at the configured size, so adaptation really runs
+        n = max(8 * (cfg.eval_seq_len or cfg.train_seq_len), 4 * cfg.ttt_chunk_tokens) + 1
+        fails = check_legality(cfg, model, tokens[: min(tokens.numel(), n)], luts, rt)
         log("legality_check:" + ("pass C1 C2 C3 C4" if not fails else " FAIL " + "; ".join(fails)) + f" mode:{cfg.eval_mode}")
         if fails:
             raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {fails[0]}")

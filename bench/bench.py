@@ -5,8 +5,9 @@
 
 Warmup steps compile every graph the run needs (looping off and on) and are reverted, as in
 train_gpt.py; then N timed steps. Prints key:value lines: ms/step, tokens/s, model FLOPs per token,
-MFU against the bf16 peak table, peak memory, compile (first warmup step) seconds, and eval
-tokens/s of the scoring forward. --out FILE.json keeps them. Any --key=value is a config override.
+MFU against the bf16 peak table, peak memory, compile seconds (the whole reverted warmup, where
+every graph variant compiles), and eval tokens/s of the scoring forward. --out FILE.json keeps
+them. Any --key=value (or --key value) is a config override; anything else is an error.
 """
 from __future__ import annotations
 
@@ -55,12 +56,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-batches", type=int, default=3)
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)
-    over = dict(a[2:].split("=", 1) for a in rest if a.startswith("--") and "=" in a)
+    _, over = tg.parse_cli(rest, ())  # config overrides, --key=value or --key value; anything else is an error
     if args.batch_tokens:
         over["train_batch_tokens"] = str(args.batch_tokens)
     if args.seq_len:
         over["train_seq_len"] = str(args.seq_len)
-    cfg, _ = tg.load_config(args.config, {k.replace("-", "_"): v for k, v in over.items()})
+    cfg, _ = tg.load_config(args.config, over)
     rt = tg.init_runtime(cfg)
     tg.seed_everything(cfg.seed)
     base = tg.GPT(cfg).to(rt.device)
@@ -72,10 +73,9 @@ def main(argv=None) -> dict:
     log = (lambda msg="", console=True: print(msg, flush=True)) if rt.is_main else (lambda *a, **k: None)
     r = SimpleNamespace(cfg=cfg, rt=rt, log=log, base=base, model=model, opt=opt, loader=SyntheticLoader(cfg, rt))
     t0 = sync(rt.device)
-    tg.train_step(r, 1.0, cfg.muon_momentum)  # the first step pays for compilation
-    compile_s = sync(rt.device) - t0
-    cfg.warmup_steps = max(args.warmup - 1, 0)
+    cfg.warmup_steps = max(args.warmup, 1)  # each graph variant's first step compiles; all of it is reverted
     tg.warmup(r, lambda: SyntheticLoader(cfg, rt))
+    compile_s = sync(rt.device) - t0
     base.looping = cfg.num_loops > 0 and args.looping != "off" or args.looping == "on"
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         times.append(sync(rt.device) - t)
     ms = 1000 * statistics.median(times)
     tok_s = cfg.train_batch_tokens / (ms / 1000)
-    fpt, peak = tg.flops_per_token(cfg, base), tg.peak_flops(rt.device)
+    fpt, peak = tg.flops_per_token(cfg, base, base.looping), tg.peak_flops(rt.device)
     x, y = r.loader.next_batch(cfg.val_batch_size if rt.device.type == "cuda" else cfg.train_batch_tokens, cfg.train_seq_len)
     base.eval()
     with torch.inference_mode(), tg.autocast(cfg, rt.device):

@@ -193,4 +193,16 @@ def test_seed_config_trains_end_to_end_at_tiny_width(seed, sample_data, tmp_path
         assert "warmup_step:1/1 looping:on" in log and re.search(r"^layer_loop:on step:2 frac:0.500 ", log, re.M)
     if cfg.qat:
         assert re.search(r"^late_qat:on step:\d+ ", log, re.M)
+        # the logged roundtrip is the artifact's own score: a fresh model (QAT off) re-scores it exactly
+        import quantize
+
+        state, art_cfg, _ = quantize.read_artifact(next((tmp_path / "runs" / seed).glob("final_model.*.ptz")))
+        c = tg.config_class()(**art_cfg)
+        model = tg.GPT(c)
+        model.load_state_dict(tg.rebank(state))
+        val = tg.usable_val(tg.load_val_stream(tg.shard_files(c.data_path, "val"), c.vocab_size), c.train_seq_len)
+        luts = tuple(torch.from_numpy(a) for a in tg.build_byte_luts(tg.load_tokenizer(c), c.vocab_size))
+        rt = tg.Runtime(0, 1, 0, torch.device("cpu"), c.virtual_world_size)
+        bpb = tg.eval_val(c, model, rt, torch.from_numpy(val.astype("int32")), luts)[1]
+        assert "roundtrip_exact val_loss:" in log and f"val_bpb:{bpb:.8f}" in log.split("roundtrip_exact")[-1]
     assert f"weights_average:{cfg.weight_average}" in log

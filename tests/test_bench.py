@@ -23,8 +23,8 @@ def test_bench_runs_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("looping,passes", [(False, 11), (True, 17)])
 def test_flops_per_token_by_hand(looping, passes):
-    cfg, _ = tg.load_config(str(ROOT / "configs/pr1812.toml"), {"num_loops": "2" if looping else "0"}, {})
+    cfg, _ = tg.load_config(str(ROOT / "configs/pr1812.toml"), {}, {})
     d, kv, hid, V, T = 512, 256, 2048, 8192, 2048
     per_pass = 2 * d * d + 2 * kv * d + 2 * hid * d  # Q, O, K, V, up, down
     want = 6 * (passes * per_pass + V * d) + 6 * passes * T * d
-    assert tg.flops_per_token(cfg, tg.GPT(cfg)) == want
+    assert tg.flops_per_token(cfg, tg.GPT(cfg), looping) == want

@@ -75,6 +75,9 @@ def test_parse_cli_forms():
         tg.parse_cli(["--num_layers"])
     with pytest.raises(ValueError, match="unexpected argument"):
         tg.parse_cli(["configs/x.toml"])
+    assert tg.parse_cli(["--artifact=a.ptz"], ("config", "artifact"))[0] == {"dry_run": False, "config": None, "artifact": "a.ptz"}
+    with pytest.raises(ValueError, match="--artifact needs a value"):  # ttt_eval.py's form; a traceback before
+        tg.parse_cli(["--artifact"], ("config", "artifact"))
 
 
 def test_cli_user_error_is_one_line():

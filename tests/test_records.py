@@ -41,6 +41,7 @@ def official_record(seed, tail: list[str], sizes=("int6+zstd", 15889752, 89436))
     tag, model, code = sizes
     return "\n".join(["code", SEP, "Running Python 3.11.10", "Running PyTorch 2.4.1+cu124", SMI, SEP, "world_size:8 grad_accum_steps:1",
                       f"seed:{seed}", "step:7273/9000 val_loss:1.9226 val_bpb:1.1389 train_time:600100ms step_avg:82.51ms",
+                      "stopping_early: wallclock_cap train_time:600100ms step:7273/9000",
                       f"Serialized model {tag}: {model} bytes", f"Code size: {code} bytes", f"Total submission size {tag}: {model + code} bytes",
                       *tail, ""])
 
@@ -203,6 +204,22 @@ def test_significance_reports_both_criteria_separately():
     assert big["welch_bpb"]["passes"] and big["readme_rule"]["passes"] and big["readme_rule"]["p_value"] < 0.01
 
 
+def test_significance_edge_cases_are_not_significant_or_one_line_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--reference ','"):  # an empty list used to raise StatisticsError
+        mr.reference_scores(",", None)
+    logs = three_logs(tmp_path)
+    for bad in (",", "", "nan,1.0"):
+        assert mr.main(build_args(tmp_path, logs, [42, 314, 999], reference=bad)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --reference") and err.count("\n") == 1
+    assert not (tmp_path / "records").exists()
+    one = mr.welch([1.1, 1.1, 1.1], [1.2])  # zero-variance seeds vs one value: t = -inf, p = 0 before
+    assert one["p_value"] is None and "zero variance" in one["why"]
+    sig = mr.significance([1.1, 1.1, 1.1], [0.4] * 3, [1.2], "test")
+    assert not sig["welch_bpb"]["passes"] and not sig["readme_rule"]["passes"] and sig["readme_rule"]["p_value"] is None
+    assert "not computed (undefined" in mr._test_line(sig["welch_bpb"])
+
+
 # -----------------------------------------------------------------------------
 # builder
 
@@ -256,6 +273,38 @@ def test_build_from_logs_and_refusals(tmp_path, capsys):
     assert not (tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_b").exists()
 
 
+def test_build_refuses_the_record_track_over_time(tmp_path, capsys):
+    slow = write(tmp_path / "logs" / "slow.txt", ours(seed=5).replace("train_time:1060ms", "train_time:612000ms"))
+    over = write(tmp_path / "logs" / "over.txt", ours(seed=6).replace("eval_wallclock:32.1s budget:600s verdict:ok",
+                                                                      "eval_wallclock:612.5s budget:600s verdict:OVER"))
+    for log, seed, why in ((slow, 5, "training took 612.4 s (train 612.0 + calibration 0.4), over the 600 s cap"),
+                           (over, 6, "the eval took 612.5 s, over the 600 s cap")):
+        assert mr.main(build_args(tmp_path, [log], [seed], track="track_10min_16mb")) == 2
+        assert capsys.readouterr().err == f"error: seed {seed}: {why}: not a record, use track_non_record_16mb\n"
+    assert not (tmp_path / "records").exists()
+    assert mr.main(build_args(tmp_path, [slow, over], [5, 6])) == 0  # off the record track they are fine
+
+
+def test_build_with_score_label_validates(tmp_path):
+    assert mr.main(build_args(tmp_path, three_logs(tmp_path), [42, 314, 999], score_label="final_sliding_window")) == 0
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_Test_Rec"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["val_bpb"] == pytest.approx(4.44057364) and sub["seed_results"]["42"]["score_label"] == "final_sliding_window_exact"
+    assert mr.validate(folder)[0] == []
+    sub["seed_results"]["42"]["score_label"] = "no_such"
+    (folder / "submission.json").write_text(json.dumps(sub))
+    assert "train_seed42.log: no score line no_such (its seed_results score_label)" in mr.validate(folder)[0]
+
+
+def test_build_names_every_artifact_per_seed(tmp_path):
+    arts = [write(tmp_path / "runs" / str(s) / "model.ptz", c * 78632) for s, c in ((42, "a"), (314, "b"), (999, "c"))]
+    assert mr.main(build_args(tmp_path, three_logs(tmp_path), [42, 314, 999], artifacts=list(map(str, arts)))) == 0
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_Test_Rec"
+    assert sorted(p.name for p in folder.glob("*.ptz")) == ["final_model_seed314.ptz", "final_model_seed42.ptz", "final_model_seed999.ptz"]
+    assert [(folder / f"final_model_seed{s}.ptz").read_text()[0] for s in (42, 314, 999)] == ["a", "b", "c"]
+    assert mr.validate(folder)[0] == []
+
+
 # -----------------------------------------------------------------------------
 # validator
 
@@ -304,6 +353,11 @@ def test_validator_accepts_an_official_folder_and_says_what_it_could_not_check(t
     (lambda f: (f / "submission.json").unlink(), "missing submission.json"),
     (lambda f: write(f / "train_seed42.log", official_record(42, ["nothing scored"])), "train_seed42.log: no score line"),
     (lambda f: write(f / "train_seed42.log", official_record(1, ["legal_ttt_exact val_loss:1 val_bpb:1.12164962"])), "declared seed 42 has no log"),
+    (lambda f: _edit(f, seeds=[]), "none of the 3 log(s) is checked: submission.json declares no seeds"),
+    (lambda f: _edit(f, seeds=["a", "b"]), "none of the 3 log(s) is checked"),
+    (lambda f: _edit(f, seeds=["a", "b"]), "seeds entries 'a', 'b' are not integers"),
+    (lambda f: _edit(f, seeds=[1337, 42, "2025"]), "seeds entries '2025' are not integers"),
+    (lambda f: _edit(f, seeds=[1337, 1337, 1337]), "seeds lists seed 1337 3 times"),
 ])
 def test_validator_catches_each_broken_folder(tmp_path, break_it, expect):
     f = official_folder(tmp_path)
@@ -341,6 +395,33 @@ def test_validator_checks_our_folders_strictly_and_leaderboard(tmp_path, capsys)
     assert out[0].split()[:3] == ["#", "val_bpb", "track"] and "LegalTTT" in out[1] and "Test Rec" in out[2] and "42,314,999" in out[2]
 
 
+def test_validator_enforces_the_record_track(tmp_path):
+    reason = "eval_legality:illegal-selection reason:keeps the minimum NLL (C2, C4)"
+    logs = three_logs(tmp_path, mode="multipass_min", legality="illegal-selection", extra=[reason])
+    assert mr.main(build_args(tmp_path, logs, [42, 314, 999])) == 0  # a study: fine off the record track
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_Test_Rec"
+    sub = json.loads((folder / "submission.json").read_text())
+    (folder / "submission.json").write_text(json.dumps({**sub, "track": "track_10min_16mb"}))  # relabelled
+    assert mr.validate(folder)[0] == [f"train_seed{s}.log: eval legality is 'illegal-selection' (multipass_min_exact): not allowed on track_10min_16mb"
+                                      for s in (314, 42, 999)]
+    # an official folder under records/track_10min_16mb (the track from the path): stopped by the cap, 600.1 s, passes
+    off = official_folder(tmp_path / "records" / "track_10min_16mb")
+    problems, notes = mr.validate(off)
+    assert problems == [] and "train_seed42.log: eval legality is 'unknown' (legal_ttt_exact): not logged" in notes
+    log = off / "train_seed42.log"
+    log.write_text(log.read_text().replace("train_time:600100ms", "train_time:612000ms"))
+    assert mr.validate(off)[0] == ["train_seed42.log: training took 612.0 s (train 612.0 + calibration 0.0), over the 600 s cap: not allowed on track_10min_16mb"]
+
+
+def test_validator_compares_every_logs_code(tmp_path):
+    assert mr.main(build_args(tmp_path, three_logs(tmp_path), [42, 314, 999])) == 0
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_Test_Rec"
+    assert mr.validate(folder)[0] == []
+    edited = {**CODE, "quantize.py": CODE["quantize.py"].replace("1", "2")}  # same size: only the code check can see it
+    write(folder / "train_seed999.log", ours(seed=999, ttt=4.4362 + 2e-3, loss=(4.4362 + 2e-3) * 1.369, code=edited))
+    assert mr.validate(folder)[0] == ["quantize.py is missing or differs from the code in the source block of train_seed999.log"]
+
+
 # -----------------------------------------------------------------------------
 # runner and end to end
 
@@ -368,7 +449,8 @@ def test_runner_dry_run_refusals_and_stop_on_failure(tmp_path):
     assert make_record(["run", "--config", cfg, "--seeds", "1", "--set", "iterations"], tmp_path).returncode == 2
     p = make_record(["run", "--config", cfg, "--seeds", "3", "4", "--nproc", "1", "--set", "no_such_key=1"], tmp_path)
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("error: seed")]
-    assert p.returncode == 2 and len(err) == 1 and "seed 3: training failed with exit code 2" in err[0] and "seed 4" not in p.stdout
+    assert p.returncode == 2 and len(err) == 1 and "seed 3: training failed with exit code 2" in err[0]
+    assert "--seed=3" in p.stdout and "--seed=4" not in p.stdout  # the runner echoes each command: seed 4 never started
 
 
 @pytest.mark.skipif(not (ROOT / "ttt_eval.py").is_file(), reason="needs ttt_eval.py")
@@ -396,5 +478,6 @@ def test_three_seed_smoke_record_end_to_end(tmp_path, sample_data):
         assert (folder / name).read_bytes() == text.encode() and mr.logged_code_sizes(runs[0].info["code_detail"])[name] == len(text.encode())
     assert sub["bytes_total"] == sub["bytes_code"] + max((folder / f"final_model_seed{s}.mixed.ptz").stat().st_size for s in seeds)
     assert mr.validate(folder)[0] == []
-    shutil.copy(folder / "train_seed42.log", tmp_path / "x.log")
-    assert make_record(["validate", str(folder)], tmp_path).returncode == 0
+    shutil.copy(folder / "train_seed42.log", folder / "x.log")  # a second log of seed 42: noted, train_seed42.log is used
+    p = make_record(["validate", str(folder)], tmp_path)
+    assert p.returncode == 0 and "note: 2 logs for seed 42 (train_seed42.log, x.log): train_seed42.log is used" in p.stdout
