@@ -31,7 +31,7 @@ import train_gpt as tg
 
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
-CODE_FILES = ("train_gpt.py", "quantize.py", "ttt_eval.py")
+CODE_FILES = tg.CODE_FILES
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
 INT8_CLIP_Q = 0.9999984  # per-row clip quantile of the official baseline

@@ -1,4 +1,4 @@
-"""Parameter Golf trainer: config, data, byte LUTs, model, optimizers, training loop, artifact.
+"""Parameter Golf trainer: config, model, optimizers, training loop, artifact.
 
 Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py --config configs/baseline.toml
          python train_gpt.py --config configs/smoke.toml        (one process, CPU or GPU)
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 HERE = Path(__file__).resolve().parent
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # the files whose bytes count
 
 # -----------------------------------------------------------------------------
 # CONFIG
@@ -315,176 +315,12 @@ def sync(device: torch.device) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the ranks restart their clocks together (after validation, checkpoint writes)
 
-# -----------------------------------------------------------------------------
-# DATA: official shard format (256 x int32 header, uint16 tokens), loaders, integrity
-
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-FIX_HINT = "re-create it with `python data/prepare.py` (download / text / sample)"
-
-class DataError(ValueError):
-    """Missing or corrupt data; the message names the file and what to do."""
-
-def read_shard_header(path) -> int:
-    """Validate a shard's header against its size; return its token count."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: shard not found; {FIX_HINT}")
-    size = p.stat().st_size
-    if size < SHARD_HEADER_BYTES:
-        raise DataError(f"{p}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header (empty or truncated); {FIX_HINT}")
-    header = np.fromfile(p, dtype="<i4", count=SHARD_HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise DataError(f"{p}: bad magic {int(header[0])} (expected {SHARD_MAGIC}): not a token shard; {FIX_HINT}")
-    if int(header[1]) != SHARD_VERSION:
-        raise DataError(f"{p}: unsupported shard version {int(header[1])} (expected {SHARD_VERSION}); {FIX_HINT}")
-    n = int(header[2])
-    if n < 0 or size != SHARD_HEADER_BYTES + 2 * n:
-        raise DataError(f"{p}: {size} bytes but the header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes): truncated or corrupt; {FIX_HINT}")
-    return n
-
-def load_shard(path) -> np.ndarray:
-    n = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
-
-def shard_files(data_path: str, split: str) -> list[Path]:
-    files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
-    if not files:
-        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
-                        "(or `python data/prepare.py sample` for the offline sample) and check data_path")
-    return files
-
-def check_token_range(tokens: np.ndarray, vocab_size: int, where) -> None:
-    if tokens.size and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{where}: token id {int(tokens.max())} >= vocab_size {vocab_size}: data and tokenizer/vocab_size do not match")
-
-class TokenStream:
-    """Reads the sorted shards in order, forever; its position is (file index, offset) for resume."""
-
-    def __init__(self, files: list[Path], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
-        self._load(0)
-
-    def _load(self, idx: int) -> None:
-        self.file_idx, self.pos = idx, 0
-        self.tokens = load_shard(self.files[idx])
-        check_token_range(self.tokens, self.vocab_size, self.files[idx])
-
-    def take(self, n: int) -> np.ndarray:
-        parts, left = [], n
-        while left > 0:
-            if self.pos >= len(self.tokens):
-                self._load((self.file_idx + 1) % len(self.files))
-                continue
-            k = min(left, len(self.tokens) - self.pos)
-            parts.append(self.tokens[self.pos : self.pos + k])
-            self.pos, left = self.pos + k, left - k
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-    def state(self) -> dict:
-        return {"file_idx": self.file_idx, "pos": self.pos}
-
-    def load_state(self, s: dict) -> None:
-        self._load(int(s["file_idx"]) % len(self.files))
-        self.pos = int(s["pos"])
-
-class DistributedTokenLoader:
-    """Each call takes world*(local+1) contiguous tokens; rank r keeps its slice. So a global step
-    reads the same tokens in the same order at any (world size, grad_accum) split. A worker thread
-    prepares the next batch (slice, int64, pinned) while this one trains; state() is the position
-    after the batches handed out, so a checkpoint never skips the prefetched one."""
-
-    def __init__(self, files: list[Path], rt: Runtime, vocab_size: int):
-        self.rt, self.stream, self.ahead = rt, TokenStream(files, vocab_size), None
-        self.pool, self.pos = ThreadPoolExecutor(1), self.stream.state()
-
-    def _host(self, global_tokens: int, seq_len: int) -> Tensor:
-        local = global_tokens // (self.rt.world_size * self.rt.grad_accum)
-        span = self.stream.take(self.rt.world_size * (local + 1))
-        t = torch.from_numpy(span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)].astype(np.int64))
-        return t.pin_memory() if self.rt.device.type == "cuda" else t
-
-    def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        key = (global_tokens, seq_len)
-        if self.ahead is not None and self.ahead[0] != key:  # another shape: give the prefetched batch back
-            self.load_state(self.pos)
-        t = self.ahead[1].result() if self.ahead is not None else self._host(*key)
-        self.pos, self.ahead = self.stream.state(), (key, self.pool.submit(self._host, *key))
-        t = t.to(self.rt.device, non_blocking=True)
-        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
-
-    def state(self) -> dict:
-        return self.pos
-
-    def load_state(self, s: dict) -> None:
-        if self.ahead is not None:
-            self.ahead[1].result()
-        self.stream.load_state(s)
-        self.pos, self.ahead = self.stream.state(), None
-
-def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], bos_id: int) -> list[str]:
-    """The integrity check lives with the manifest format in data/prepare.py; a record folder that
-    ships only the three scripts skips it (and says so)."""
-    path = HERE / "data" / "prepare.py"
-    if not path.is_file():
-        return [f"dataset_check:skipped ({path} not found)"]
-    spec = importlib.util.spec_from_file_location("pgolf_prepare", path)
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards)
-
-def load_val_stream(files: list[Path], vocab_size: int) -> np.ndarray:
-    """All val shards in sorted order (the whole stream, before any truncation)."""
-    tokens = np.concatenate([load_shard(f) for f in files])
-    check_token_range(tokens, vocab_size, files[0].parent)
-    return tokens
-
-def usable_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Baseline scoring set: whole windows of seq_len; the tail past the last window is dropped."""
-    usable = ((tokens.size - 1) // seq_len) * seq_len
-    if usable <= 0:
-        raise DataError(f"val split has {tokens.size} tokens, fewer than train_seq_len+1={seq_len + 1}")
-    return tokens[: usable + 1]
-
-# -----------------------------------------------------------------------------
-# BYTE ACCOUNTING: val_bpb = sum NLL / (ln 2 * sum bytes of the SentencePiece-normalised text)
-
-def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token (base_bytes, has_leading_space, is_boundary); ids past the model's vocab are boundaries."""
-    n = max(int(sp.vocab_size()), vocab_size)
-    base, space, boundary = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.bool_), np.ones(n, dtype=np.bool_)
-    for i in range(int(sp.vocab_size())):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
-    return base, space, boundary
-
-def target_bytes(prev_ids, tgt_ids, luts):
-    """Bytes of each target: its base bytes, +1 for a leading space unless the previous token is a boundary.
-    Works on numpy arrays or torch tensors (luts of the same kind)."""
-    base, space, boundary = luts
-    return base[tgt_ids] + (space[tgt_ids] & ~boundary[prev_ids])
-
-def bits_per_byte(nll_sum: float, byte_sum: float) -> float:
-    return nll_sum / (math.log(2.0) * byte_sum)
-
-def load_tokenizer(cfg: Config):
-    import sentencepiece as spm
-    p = Path(cfg.tokenizer_path)
-    if not p.is_file():
-        raise DataError(f"tokenizer {p} not found; download it with data/prepare.py or fix tokenizer_path")
-    sp = spm.SentencePieceProcessor(model_file=str(p))
-    if int(sp.vocab_size()) != cfg.vocab_size or int(sp.bos_id()) != cfg.bos_id:
-        raise ValueError(f"tokenizer {p} has vocab {sp.vocab_size()} but config vocab_size={cfg.vocab_size} (tokenizer bos_id "
-                         f"{sp.bos_id()}, config bos_id={cfg.bos_id}); make them match")
-    return sp
+# DATA and BYTE ACCOUNTING live in data_loader.py (shards, loader, integrity check, byte LUTs); re-exported here
+sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
+from data_loader import (  # noqa: E402,F401
+    SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
+    bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
+    read_shard_header, shard_files, target_bytes, usable_val)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -1116,7 +952,7 @@ class Logger:
 
 def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
     """Log the code that runs (read once: the code bytes are counted from these same texts)."""
-    texts = {n: (HERE / n).read_bytes().decode("utf-8") for n in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (HERE / n).is_file()}
+    texts = {n: (HERE / n).read_bytes().decode("utf-8") for n in CODE_FILES if (HERE / n).is_file()}
     for name, text in texts.items():
         log(f"# ===== source: {name} =====\n{text}", console=False)
     log("=" * 100, console=False)

@@ -481,3 +481,10 @@ def test_three_seed_smoke_record_end_to_end(tmp_path, sample_data):
     shutil.copy(folder / "train_seed42.log", folder / "x.log")  # a second log of seed 42: noted, train_seed42.log is used
     p = make_record(["validate", str(folder)], tmp_path)
     assert p.returncode == 0 and "note: 2 logs for seed 42 (train_seed42.log, x.log): train_seed42.log is used" in p.stdout
+
+
+def test_code_files_agree_with_trainer():
+    # make_record reads files only (no import of the trainer), so its list is a copy: keep them equal
+    import train_gpt as tg
+    assert mr.CODE_FILES == tg.CODE_FILES
+    assert all((ROOT / f).is_file() for f in tg.CODE_FILES)

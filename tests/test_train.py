@@ -62,7 +62,7 @@ OFFICIAL_LINES = [
     r"^step:1/40 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok_s:\d+ mfu:n/a$",
     r"^step:40/40 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$",
     r"^Serialized model: \d+ bytes$",
-    r"^Code size: \d+ bytes \((raw|packed) train_gpt.py:\d+ quantize.py:\d+",
+    r"^Code size: \d+ bytes \((raw|packed) train_gpt.py:\d+ data_loader.py:\d+ quantize.py:\d+",
     r"^Total submission size: \d+ bytes$",
     r"^Serialized model mixed\+brotli: \d+ bytes \(payload:\d+ ",
     r"^Total submission size mixed\+brotli: \d+ bytes$",
@@ -94,7 +94,7 @@ def test_smoke_run_log_has_every_official_line(sample_data, tmp_path):
     assert losses[40] < losses[1] - 1.0, "the smoke model should learn"
     total = int(re.search(r"^Total submission size mixed\+brotli: (\d+)", log, re.M)[1])
     art = tmp_path / "runs/smoke/final_model.mixed.ptz"
-    code = sum((ROOT / f).stat().st_size for f in ("train_gpt.py", "quantize.py", "ttt_eval.py") if (ROOT / f).exists())
+    code = sum((ROOT / f).stat().st_size for f in tg.CODE_FILES if (ROOT / f).exists())
     assert total == art.stat().st_size + code
     pre = float(re.search(r"^step:40/40 val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
     post = float(re.search(r"^final_mixed_brotli_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
