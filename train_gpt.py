@@ -84,7 +84,7 @@ class Config:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     qk_gain_split: bool = False  # separate q gains for rope and nope dims (PR #1812)
-    xsa_last_n: int = 0  # exclusive self attention on the last N layers
+    xsa_last_n: int = 0  # exclusive self attention on the last N weight cores (= layers unless num_cores shares them)
     ln_scale: bool = False  # sublayer inputs scaled by 1/sqrt(layer+1)
     skip_gates: bool = False  # sigmoid-gated U-Net skips
     num_skips: int = -1  # -1 = min(encoder, decoder) of the longest layer schedule
@@ -396,7 +396,7 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         looped = cfg.loop_ln_scale and cfg.loop_start <= i <= cfg.loop_end
         self.ln = (1 / math.sqrt(i + 1) if cfg.ln_scale else 1.0) / (math.sqrt(cfg.num_loops + 1) if looped else 1.0)
-        self.xsa = i >= cfg.num_layers - cfg.xsa_last_n
+        self.xsa = self.core >= (cfg.num_cores or cfg.num_layers) - cfg.xsa_last_n  # PR #526: XSA follows the core
         self.parallel = 0 <= cfg.parallel_start <= i
         if cfg.attn_gate == "dense":
             self.attn_gate_w = nn.Parameter(torch.randn(H, d) * 0.005)
