@@ -99,6 +99,7 @@ class Config:
     attn_gate_scale: float = 1.0
     parallel_start: int = -1  # parallel residuals from this layer (-1 = off)
     parallel_mode: str = "two_lane"  # gptj | two_lane (learned routing) | lanes (PR #1334, lane_merge)
+    lane_skip: str = "lane0"  # U-Net skip at the lane split: lane0 (split, then skip lane 0: #1855) | stream (skip, then split: PR #1550)
     loop_start: int = -1  # depth recurrence: layers loop_start..loop_end run num_loops extra times
     loop_end: int = -1
     num_loops: int = 0
@@ -240,6 +241,7 @@ def validate_config(c: Config) -> None:
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
     for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
+                         ("lane_skip", "lane0 stream"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
                          ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
@@ -595,12 +597,13 @@ class GPT(nn.Module):
         for pos, i in enumerate(order):
             blk = self.blocks[i]
             two = blk.parallel and cfg.parallel_mode != "gptj"
-            lanes = lanes or ([x, x] if two else None)  # both lanes start from the stream
+            lanes = lanes or ([x, x] if two and cfg.lane_skip == "lane0" else None)  # both lanes start from the stream
             if pos >= n_enc and pos - n_enc < self.n_skips and skips:  # U-Net: mirrored encoder output (LIFO)
                 k, s = pos - n_enc, skips.pop() * self.skip_weights[pos - n_enc].to(x.dtype)
-                cur = lanes[0] if two else x  # with lanes, the skip feeds the attention lane only
+                cur = lanes[0] if lanes else x  # with lanes, the skip feeds the attention lane only
                 cur = torch.lerp(s, cur, torch.sigmoid(self.skip_gates[k]).to(x.dtype)) if cfg.skip_gates else cur + s
-                lanes, x = ([cur, lanes[1]], x) if two else (lanes, cur)
+                lanes, x = ([cur, lanes[1]], x) if lanes else (lanes, cur)
+            lanes = lanes or ([x, x] if two else None)  # lane_skip=stream: the lanes split after the skip
             if two:
                 lanes = list(blk.lanes(self, lanes[0], lanes[1], x0, ctx))
             else:
