@@ -547,7 +547,7 @@ class GPT(nn.Module):
         rd, base, ntk = self.rope_dims, self.cfg.rope_base, self.cfg.rope_ntk_len
         if ntk and T > ntk:
             base = base * (T / ntk) ** (rd / (rd - 2))
-        inv = base ** (-torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd)
+        inv = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))  # the records' rounding, bit for bit
         f = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv)
         return f.cos()[None, :, None, :], f.sin()[None, :, None, :]
 
