@@ -77,6 +77,7 @@ class Config:
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
     ortho_init: bool = False  # Q, K, V, up and side projections orthogonal
+    proj_init: str = "ortho"  # bigram.proj/ve.proj under ortho_init: ortho | ortho_scaled (x 1/sqrt(2*num_layers): PR #573/#526) | zero
     embed_scale: bool = False  # learnable per-dim scale before the input norm (PR #1812)
     rope_base: float = 10000.0
     rope_dims: int = 0  # rotary dims per head (records: 16 of 64); 0 = all
@@ -241,7 +242,7 @@ def validate_config(c: Config) -> None:
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
     for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
-                         ("lane_skip", "lane0 stream"),
+                         ("lane_skip", "lane0 stream"), ("proj_init", "ortho ortho_scaled zero"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
                          ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
@@ -527,10 +528,19 @@ class GPT(nn.Module):
         self.mlp_down_bank.zero_()
         if cfg.bigram_buckets:
             self.bigram.table.weight.zero_()
-            nn.init.orthogonal_(self.bigram.proj) if cfg.ortho_init else None
+            self.init_proj(self.bigram.proj)
         if self.ve_layers:
             nn.init.normal_(self.ve.table.weight, std=0.01)
-            nn.init.orthogonal_(self.ve.proj) if cfg.ortho_init else None
+            self.init_proj(self.ve.proj)
+
+    @torch.no_grad()
+    def init_proj(self, w: Tensor) -> None:
+        """The records' rule for names ending in '.proj' (attention/MLP proj are zero anyway): orthogonal,
+        times 1/sqrt(2L) in the PR #162..#573 scripts (PR #473: unscaled); PR #1550's VE projection stayed zero."""
+        if not self.cfg.ortho_init or self.cfg.proj_init == "zero":
+            w.zero_()
+        else:
+            nn.init.orthogonal_(w).mul_(1 / math.sqrt(2 * self.cfg.num_layers) if self.cfg.proj_init == "ortho_scaled" else 1.0)
 
     def mat(self, bank: Tensor, j: int, group: str) -> Tensor:
         """A bank slice, seen through the late-QAT fake quantizer when qat is configured."""
