@@ -542,6 +542,13 @@ class GPT(nn.Module):
         else:
             nn.init.orthogonal_(w).mul_(1 / math.sqrt(2 * self.cfg.num_layers) if self.cfg.proj_init == "ortho_scaled" else 1.0)
 
+    @torch.no_grad()
+    def mean_core_grads(self) -> None:
+        """Every per-core tensor (the four bank slices and q_gain) divided by its core's number of uses."""
+        for p in (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank, self.q_gain):
+            if p.grad is not None:
+                p.grad.div_(self.core_uses.repeat(p.size(0) // self.n_cores).view(-1, *[1] * (p.ndim - 1)))
+
     def mat(self, bank: Tensor, j: int, group: str) -> Tensor:
         """A bank slice, seen through the late-QAT fake quantizer when qat is configured."""
         cfg = self.cfg
@@ -769,8 +776,7 @@ class Optimizer:
     def step(self, lr_mul: float, momentum: float) -> None:
         cfg, W = self.cfg, self.rt.world_size
         if cfg.core_grad_scale:  # PR #526: a core shared by k layers gets the mean, not the sum, of their grads
-            for _, p in self.banks:
-                p.grad.div_(self.model.core_uses.repeat(p.size(0) // self.model.n_cores)[:, None, None])
+            self.model.mean_core_grads()
         jobs = []
         for name, p in sorted(self.banks, key=lambda t: -t[1].numel()):  # largest first
             n_pad = -(-p.size(0) // W) * W
