@@ -39,6 +39,7 @@ class TTTConfig:
     eval_batch_seqs: int = 32
     eval_doc_isolated: bool = False  # no attention across BOS inside a window
     eval_sliding_first: bool = True  # TTT modes also log the sliding score of the untouched artifact
+    eval_trim: bool = False  # score only the first ((N-1)//train_seq_len)*train_seq_len+1 val tokens, as the seeds did
     eval_budget_seconds: float = 600.0
     ttt_chunk_tokens: int = 32768
     ttt_optimizer: str = "sgd"  # sgd | adamw
@@ -349,6 +350,13 @@ def check_legality(cfg, model, tokens: Tensor, luts, rt, p: int | None = None) -
 # CLI
 
 
+def val_stream(cfg) -> Tensor:
+    """The val tokens to score: the whole stream, or with eval_trim the seeds' prefix of whole
+    train_seq_len windows (the one train_gpt.py's roundtrip eval reads), so both score the same targets."""
+    tokens = tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size)
+    return torch.from_numpy((tg.usable_val(tokens, cfg.train_seq_len) if cfg.eval_trim else tokens).astype(np.int32))
+
+
 def load(cfg_path, overrides, artifact: str):
     import quantize
 
@@ -384,7 +392,7 @@ def main(argv: list[str]) -> None:
         log(f"eval_legality:{legality} reason:{WHY[cfg.eval_mode]}")
     sp = tg.load_tokenizer(cfg)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in tg.build_byte_luts(sp, cfg.vocab_size))
-    tokens = torch.from_numpy(tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size).astype(np.int32))
+    tokens = val_stream(cfg)
     model = tg.GPT(cfg)
     model.load_state_dict(tg.rebank(state), strict=True)
     model.looping = cfg.num_loops > 0
@@ -393,7 +401,7 @@ def main(argv: list[str]) -> None:
     fn = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     times = {"load": time.perf_counter() - t_all}
     log(f"eval_config: seq_len:{cfg.eval_seq_len or cfg.train_seq_len} stride:{cfg.eval_stride} val_tokens:{tokens.numel()} "
-        f"world_size:{rt.world_size} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
+        f"world_size:{rt.world_size} trim:{cfg.eval_trim} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} epochs:{cfg.ttt_epochs} freeze:{cfg.ttt_freeze_blocks}")
     if "--check-legality" in flags:
         # enough tokens for several TTT chunks at the configured size, so adaptation really runs
