@@ -401,7 +401,7 @@ def main(argv: list[str]) -> None:
     fn = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     times = {"load": time.perf_counter() - t_all}
     log(f"eval_config: seq_len:{cfg.eval_seq_len or cfg.train_seq_len} stride:{cfg.eval_stride} val_tokens:{tokens.numel()} "
-        f"world_size:{rt.world_size} trim:{cfg.eval_trim} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
+        f"world_size:{rt.world_size} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} epochs:{cfg.ttt_epochs} freeze:{cfg.ttt_freeze_blocks}")
     if "--check-legality" in flags:
         # enough tokens for several TTT chunks at the configured size, so adaptation really runs
