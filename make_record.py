@@ -949,21 +949,25 @@ def report(folder) -> int:
 
 
 def cmd_leaderboard(a) -> int:
-    rows = []
+    """Valid folders ranked by val_bpb; the others listed apart with why: a claim is ranked only if its logs bear it out."""
+    rows, unranked = [], []
     for p in sorted(Path(a.root).rglob("submission.json")):
-        try:
-            sub = json.loads(p.read_text(encoding="utf-8"))
-            rows.append((float(sub["val_bpb"]), str(sub.get("track") or next((t for t in p.parts if t.startswith("track_")), "-")),
-                         str(sub.get("name", p.parent.name)), ",".join(map(str, sub.get("seeds") or [])) or "-",
-                         fmt(sub["bytes_total"]) if _is(sub.get("bytes_total"), INT) else "-", str(sub.get("date", "-"))[:10], str(p.parent)))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            print(f"note: {p}: no readable val_bpb, skipped", file=sys.stderr)
-    if not rows:
+        problems, _ = validate(p.parent)
+        sub = canonical(read_json(p, problems), [])
+        if problems or not _is(sub.get("val_bpb"), NUMBER):
+            unranked.append(f"  {p.parent}: " + (f"{len(problems)} problem(s), first: {problems[0]}" if problems else "no numeric val_bpb"))
+            continue
+        rows.append((float(sub["val_bpb"]), str(sub.get("track") or next((t for t in p.parts if t.startswith("track_")), "-")),
+                     str(sub.get("name", p.parent.name)), ",".join(map(str, sub.get("seeds") or [])) or "-",
+                     fmt(sub["bytes_total"]) if _is(sub.get("bytes_total"), INT) else "-", str(sub.get("date", "-"))[:10], str(p.parent)))
+    if not rows and not unranked:
         return fail(f"no submission.json under {a.root}")
     table = [("#", "val_bpb", "track", "name", "seeds", "bytes_total", "date", "folder")]
     table += [(str(i), f"{r[0]:.5f}", *r[1:]) for i, r in enumerate(sorted(rows), 1)]
     w = [max(len(row[j]) for row in table) for j in range(len(table[0]))]
     print("\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(row)).rstrip() for row in table))
+    if unranked:
+        print("\nnot ranked (python make_record.py validate FOLDER says why in full):\n" + "\n".join(unranked))
     return 0
 
 
