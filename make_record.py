@@ -591,13 +591,19 @@ def write_plots(d: Path, runs: list) -> list[str]:
     matplotlib.use("Agg")  # files only: training boxes have no display
     import matplotlib.pyplot as plt
 
-    out = []
+    from matplotlib.ticker import MaxNLocator
+
+    out, scores = [], [r.score() for r in runs]
+    title = f"val_bpb {statistics.fmean(s.bpb for s in scores):.5f} ({', '.join(sorted({s.name for s in scores}))}, {len(runs)}-seed mean)"
     for fname, ylabel, col, rows in (("train_loss.png", "train loss", 1, "train"), ("val_bpb.png", "val bpb", 2, "val")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for r in runs:
             pts = getattr(r, rows)
             ax.plot([p[0] for p in pts], [p[col] for p in pts], marker="." if len(pts) < 30 else None, label=f"seed {r.seed}")
-        ax.set(xlabel="step", ylabel=ylabel)
+        if rows == "val":
+            mark_final_scores(ax, runs)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 ticks on short runs
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -605,6 +611,19 @@ def write_plots(d: Path, runs: list) -> list[str]:
         plt.close(fig)
         out.append(fname)
     return out
+
+
+FINAL_MARKS = (("roundtrip", r"^final_.*roundtrip", False, "s"), ("sliding", r"^final_.*sliding_window", True, "^"), ("final", None, True, "*"))
+
+
+def mark_final_scores(ax, runs: list) -> None:
+    """The scores after training, at each run's last step: the val curve alone ends at the live model's value.
+    A roundtrip or sliding line that is the final score itself is marked once, as final."""
+    for kind, pattern, last, marker in FINAL_MARKS:
+        hits = [(r.steps, s) for r in runs if (s := r.find(pattern, last) if pattern else r.score()) and (not pattern or s is not r.score())]
+        if hits:
+            ax.scatter([x for x, _ in hits], [s.bpb for _, s in hits], marker=marker, zorder=3,
+                       label=f"{kind} ({', '.join(sorted({s.name for _, s in hits}))})")
 
 
 def repro(r: RunLog, sc: Score) -> tuple[str | None, list[str], list[str]]:
