@@ -747,7 +747,10 @@ def _is(v, types) -> bool:
 
 
 def find_logs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or (p.suffix == ".txt" and p.name.startswith(("train", "log", "seed")))))
+    """*.log, and *.txt named train*, seed* or *log*, in the folder; any .log/.txt in a logs* subfolder (official layouts)."""
+    subs = [d for d in folder.iterdir() if d.is_dir() and d.name.startswith("logs")]
+    return sorted([p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or p.suffix == ".txt" and (
+        p.name.startswith(("train", "seed")) or "log" in p.name))] + [p for d in subs for p in d.iterdir() if p.is_file() and p.suffix in (".log", ".txt")])
 
 
 def seed_from_name(name: str) -> int | None:
@@ -794,10 +797,13 @@ def validate(folder) -> tuple[list[str], list[str]]:
     f, P, N = Path(folder), [], []
     if not f.is_dir():
         return [f"{f} is not a folder"], []
-    P += [f"missing {n}" for n in ("README.md", "submission.json", "train_gpt.py") if not (f / n).is_file()]
-    P += [] if find_logs(f) else ["no log file (*.log, or train*/log*/seed*.txt)"]
+    P += [f"missing {n}" for n in ("README.md", "submission.json") if not (f / n).is_file()]
+    P += [] if find_logs(f) else ["no log file (*.log, train*/seed*/*log*.txt, or in a logs/ folder)"]
     sub = read_json(f / "submission.json", P)
     ours = str(sub.get("generator", "")).startswith("make_record")  # ours: every field we write is required
+    if not (f / "train_gpt.py").is_file():  # official folders may ship train_gpt_v5.py, train_mdlm.py, ...
+        other = [] if ours else sorted(p.name for p in f.glob("*.py"))
+        (N if other else P).append(f"no train_gpt.py: the code is {', '.join(other)}" if other else "missing train_gpt.py")
     sub, shape = (sub, P) if ours else (canonical(sub, N), N)
     for k, (types, need) in FIELDS.items() if (f / "submission.json").is_file() else ():
         if k not in sub and (need == "all" or need == "ours" and ours):

@@ -109,7 +109,24 @@ def reruns(tmp_path):
                                    "seed_results": {str(s): {"val_bpb": BPB[s]} for s in SEEDS}})
 
 
+def code_v5(tmp_path):
+    """2026-03-19_smeargate shape: train_gpt_v5.py (no train_gpt.py), one `seed`, artifact_size_bytes, no name/github_id/date/bytes_total."""
+    f = folder(tmp_path, {"train.log": olog(1337, [lines("final_int8_roundtrip", 42, bpb=1.2), lines("final_sliding_window_eval", 42, pre="stride:64 ")])},
+               {"val_bpb": BPB[42], "val_loss": LOSS[42], "seed": 1337, "artifact_size_bytes": 15_900_000, "train_steps": 7000})
+    (f / "train_gpt.py").rename(f / "train_gpt_v5.py")
+    return f
+
+
+def logs_dir(tmp_path):
+    """2026-04-10_VarLenAttn shape: the logs in a logs/ folder."""
+    logs = {f"logs/run_{s}.txt": olog(s, [lines("quantized_ttt_phased", s, False)], dump=True) for s in SEEDS}
+    return folder(tmp_path, logs, {**BASE, "val_bpb": MEAN_BPB, "val_loss": MEAN_LOSS, "seeds": list(SEEDS),
+                                   "seed_results": {str(s): {"val_bpb": BPB[s]} for s in SEEDS}})
+
+
 @pytest.mark.parametrize("make, note", [
+    (code_v5, "no train_gpt.py: the code is train_gpt_v5.py"),
+    (logs_dir, "missing field 'bytes_total': not checked"),
     (pr_era, "missing field 'bytes_total': not checked"),
     (seeds_dict, "no 'val_loss'"),
     (mean_keys, "'val_bpb' is absent: mean_val_bpb"),
