@@ -613,14 +613,16 @@ def write_plots(d: Path, runs: list) -> list[str]:
     return out
 
 
-FINAL_MARKS = (("roundtrip", r"^final_.*roundtrip", False, "s"), ("sliding", r"^final_.*sliding_window", True, "^"), ("final", None, True, "*"))
+FINAL_MARKS = (("roundtrip", r"^final_.*roundtrip", False, "s"), ("sliding", r"^final_.*sliding_window", True, "^"),
+               ("final", None, True, "*"))  # (legend, exact-line pattern (None: the score), last line of it?, marker)
 
 
 def mark_final_scores(ax, runs: list) -> None:
     """The scores after training, at each run's last step: the val curve alone ends at the live model's value.
     A roundtrip or sliding line that is the final score itself is marked once, as final."""
     for kind, pattern, last, marker in FINAL_MARKS:
-        hits = [(r.steps, s) for r in runs if (s := r.find(pattern, last) if pattern else r.score()) and (not pattern or s is not r.score())]
+        hits = [(r.steps, s) for r in runs if (s := r.find(pattern, last) if pattern else r.score())
+                and (not pattern or s is not r.score())]
         if hits:
             ax.scatter([x for x, _ in hits], [s.bpb for _, s in hits], marker=marker, zorder=3,
                        label=f"{kind} ({', '.join(sorted({s.name for _, s in hits}))})")
@@ -748,9 +750,10 @@ def _is(v, types) -> bool:
 
 def find_logs(folder: Path) -> list[Path]:
     """*.log, and *.txt named train*, seed* or *log*, in the folder; any .log/.txt in a logs* subfolder (official layouts)."""
+    top = [p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or p.suffix == ".txt" and (
+           p.name.startswith(("train", "seed")) or "log" in p.name))]
     subs = [d for d in folder.iterdir() if d.is_dir() and d.name.startswith("logs")]
-    return sorted([p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or p.suffix == ".txt" and (
-        p.name.startswith(("train", "seed")) or "log" in p.name))] + [p for d in subs for p in d.iterdir() if p.is_file() and p.suffix in (".log", ".txt")])
+    return sorted(top + [p for d in subs for p in d.iterdir() if p.is_file() and p.suffix in (".log", ".txt")])
 
 
 def seed_from_name(name: str) -> int | None:
@@ -769,7 +772,8 @@ def select_logs(folder: Path) -> tuple[dict, list[str], list[str]]:
     for key, rs in by_seed.items():
         rs.sort(key=lambda r: Path(r.path).name not in (f"train_seed{key}.log", "train.log"))  # stable: else the first by name
         if len(rs) > 1:
-            notes.append(f"{len(rs)} logs for seed {key} ({', '.join(sorted(Path(r.path).name for r in rs))}): {Path(rs[0].path).name} is used")
+            names = ", ".join(sorted(Path(r.path).name for r in rs))
+            notes.append(f"{len(rs)} logs for seed {key} ({names}): {Path(rs[0].path).name} is used")
     return by_seed, notes, problems
 
 
@@ -878,9 +882,9 @@ def check_claims(sub: dict, groups: dict, logs: dict, ours: bool, single: bool, 
         hit = next((m for m in means if abs(v - statistics.fmean(getattr(x, attr) for x in m[3])) <= _tol(v, m[3])), None)
         if hit is None and means and means[0][0] == 0:
             sc, tol = means[0][3], _tol(v, means[0][3])
-            P.append(f"submission.json {fld} {v} does not match the mean of the logs' score lines, "
-                     f"{statistics.fmean(getattr(x, attr) for x in sc):.8f} ({', '.join(sorted({x.name for x in sc}))} over {len(sc)} log(s), "
-                     f"tolerance {tol:.1g})" + _other_label(logs, attr, v, tol))
+            mean, what = statistics.fmean(getattr(x, attr) for x in sc), ", ".join(sorted({x.name for x in sc}))
+            P.append(f"submission.json {fld} {v} does not match the mean of the logs' score lines, {mean:.8f} ({what} over "
+                     f"{len(sc)} log(s), tolerance {tol:.1g})" + _other_label(logs, attr, v, tol))
         elif hit and hit[0]:
             _, s, label, sc = hit
             names, what = ", ".join(sorted(Path(r.path).name for r in s.values())), ", ".join(sorted({x.name for x in sc}))
@@ -945,7 +949,8 @@ def check_sizes(f: Path, sub: dict, logs: dict, results: dict, ours: bool, P: li
              for key in ("bytes_total", "artifact_bytes") if _is(res.get(key), INT)]  # official folders without bytes_total
     for what, b, plus_code in sized + [(key, sub[key], True) for key in ARTIFACT_KEYS if _is(sub.get(key), INT)]:
         if b + code * plus_code > SIZE_CAP:
-            P.append(f"{what} {b:,}" + (f" + code {code:,} = {b + code:,}" if plus_code else "") + f" bytes is over the {SIZE_CAP:,}-byte cap")
+            P.append(f"{what} {b:,}" + (f" + code {code:,} = {b + code:,}" if plus_code else "")
+                     + f" bytes is over the {SIZE_CAP:,}-byte cap")
     if not (arts := sorted(f.glob("*.ptz"))):
         N.append("no artifact (*.ptz) in the folder: bytes_total not checked against code + artifact")
         return

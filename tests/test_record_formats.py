@@ -49,7 +49,8 @@ BASE = {"author": "a", "github_id": "a", "name": "n", "date": "2026-04-09", "tra
 
 def pr_era(tmp_path, **over):
     """2026-04-09 shape: no bytes_total (per-seed artifact_bytes), no val_loss, seeds list, quantized_* lines, a hyperparameter dump."""
-    logs = {f"train_seed{s}.log": olog(s, [lines("quantized_sliding_window", s, False, bpb=BPB[s] + 0.002), lines("quantized_ttt", s, False)],
+    logs = {f"train_seed{s}.log": olog(s, [lines("quantized_sliding_window", s, False, bpb=BPB[s] + 0.002),
+                                           lines("quantized_ttt", s, False)],
                                        dump=True) for s in SEEDS}
     sub = {**BASE, "val_bpb": MEAN_BPB, "val_bpb_std": 0.0026, "seeds": list(SEEDS), "hardware": "8xH100",
            "seed_results": {str(s): {"val_bpb": BPB[s], "artifact_bytes": 15_900_000, "steps": 4550} for s in SEEDS}}
@@ -66,7 +67,8 @@ def seeds_dict(tmp_path):
 
 def mean_keys(tmp_path):
     """2026-03-19_SlidingWindow_FP16Emb_10L shape: mean_val_bpb / mean_val_loss, artifact_bytes + code_bytes, no github_id."""
-    logs = {f"train_seed{s}.log": olog(s, [lines("final_int8_zlib_roundtrip", s, False), lines("final_int8_zlib_roundtrip", s)]) for s in SEEDS}
+    logs = {f"train_seed{s}.log": olog(s, [lines("final_int8_zlib_roundtrip", s, False), lines("final_int8_zlib_roundtrip", s)])
+            for s in SEEDS}
     return folder(tmp_path, logs, {"track": "track_10min_16mb", "date": "2026-03-19", "name": "n", "author": "a", "p_value": 0.001,
                                    "seed_results": {str(s): {"val_bpb": BPB[s], "val_loss": LOSS[s]} for s in SEEDS},
                                    "mean_val_loss": MEAN_LOSS, "mean_val_bpb": MEAN_BPB, "artifact_bytes": 15_900_000, "code_bytes": CODE})
@@ -82,9 +84,11 @@ def lora_txt(tmp_path):
 
 def seed_logs_stride(tmp_path):
     """2026-03-19_MixedQuant shape: seed*.log, the sliding score printed as 'final_sliding_window_eval_exact stride:64 val_loss:...'."""
-    logs = {f"seed{s}.log": olog(s, [lines("final_int8_roundtrip", s, bpb=1.2), lines("final_sliding_window_eval", s, pre="stride:64 ", eval_ms=False)])
+    logs = {f"seed{s}.log": olog(s, [lines("final_int8_roundtrip", s, bpb=1.2),
+                                     lines("final_sliding_window_eval", s, pre="stride:64 ", eval_ms=False)])
             for s in SEEDS}
-    return folder(tmp_path, logs, {**BASE, "blurb": "b", "val_loss": MEAN_LOSS, "val_bpb": MEAN_BPB, "bytes_total": 15_916_594, "bytes_code": CODE})
+    return folder(tmp_path, logs, {**BASE, "blurb": "b", "val_loss": MEAN_LOSS, "val_bpb": MEAN_BPB, "bytes_total": 15_916_594,
+                                   "bytes_code": CODE})
 
 
 def phased_quoting(tmp_path):
@@ -98,7 +102,8 @@ def single_run(tmp_path):
     """2026-03-18_FP16Embed shape: train.log (the claim) beside train_seed42.log, no seeds declared."""
     logs = {"train.log": olog(1337, [lines("final_int8_zlib_roundtrip", 42)]),
             "train_seed42.log": olog(42, [lines("final_int8_zlib_roundtrip", 42, bpb=1.09)])}
-    return folder(tmp_path, logs, {**BASE, "blurb": "b", "val_loss": LOSS[42], "val_bpb": BPB[42], "bytes_total": 15_916_594, "bytes_code": CODE})
+    return folder(tmp_path, logs, {**BASE, "blurb": "b", "val_loss": LOSS[42], "val_bpb": BPB[42], "bytes_total": 15_916_594,
+                                   "bytes_code": CODE})
 
 
 def reruns(tmp_path):
@@ -110,8 +115,10 @@ def reruns(tmp_path):
 
 
 def code_v5(tmp_path):
-    """2026-03-19_smeargate shape: train_gpt_v5.py (no train_gpt.py), one `seed`, artifact_size_bytes, no name/github_id/date/bytes_total."""
-    f = folder(tmp_path, {"train.log": olog(1337, [lines("final_int8_roundtrip", 42, bpb=1.2), lines("final_sliding_window_eval", 42, pre="stride:64 ")])},
+    """2026-03-19_smeargate shape: train_gpt_v5.py (no train_gpt.py), one `seed`, artifact_size_bytes, no name, github_id,
+    date or bytes_total."""
+    tail = [lines("final_int8_roundtrip", 42, bpb=1.2), lines("final_sliding_window_eval", 42, pre="stride:64 ")]
+    f = folder(tmp_path, {"train.log": olog(1337, tail)},
                {"val_bpb": BPB[42], "val_loss": LOSS[42], "seed": 1337, "artifact_size_bytes": 15_900_000, "train_steps": 7000})
     (f / "train_gpt.py").rename(f / "train_gpt_v5.py")
     return f
@@ -147,7 +154,8 @@ def test_official_scores_are_read_from_their_own_lines(tmp_path):
     assert (r.score().name, r.score().bpb, r.seed) == ("final_sliding_window_eval_exact", BPB[42], 42)
     r = mr.parse_log(phased_quoting(tmp_path / "q") / "train_seed314.log")  # the quoted code's lines are not log lines
     assert (r.score().name, r.score().bpb, r.seed) == ("quantized_ttt_phased", BPB[314], 314) and len(r.scores) == 1
-    r = mr.parse_log(write(tmp_path / "t.txt", olog(7, ["final_int8_zlib_roundtrip sliding val_loss:1.5 sliding val_bpb:1.2345 eval_time:9ms"])))
+    qualified = "final_int8_zlib_roundtrip sliding val_loss:1.5 sliding val_bpb:1.2345 eval_time:9ms"  # Random_Linear_Adapter
+    r = mr.parse_log(write(tmp_path / "t.txt", olog(7, [qualified])))
     assert (r.score().label, r.score().bpb) == ("final_int8_zlib_roundtrip_sliding", 1.2345)
 
 
@@ -160,8 +168,8 @@ def _per_seed_over(f):
 @pytest.mark.parametrize("make, edit, expect", [
     (pr_era, lambda f: _set(f, val_bpb=1.07), "val_bpb 1.07 does not match the mean"),
     (mean_keys, lambda f: _set(f, mean_val_bpb=1.07), "val_bpb 1.07 does not match the mean"),
-    (pr_era, _per_seed_over, "seed_results[314]: artifact_bytes 15,990,000 + code 16,594 = 16,006,594 bytes is over the 16,000,000-byte cap"),
-    (mean_keys, lambda f: _set(f, artifact_bytes=15_990_000), "artifact_bytes 15,990,000 + code 16,594 = 16,006,594 bytes is over the 16,000,000-byte cap"),
+    (pr_era, _per_seed_over, "seed_results[314]: artifact_bytes 15,990,000 + code 16,594 = 16,006,594 bytes is over the 16,000,000"),
+    (mean_keys, lambda f: _set(f, artifact_bytes=15_990_000), "artifact_bytes 15,990,000 + code 16,594 = 16,006,594 bytes is over"),
     (pr_era, lambda f: write(f / "train_seed314.log", olog(314, [lines("quantized_ttt", 314, False)], dump=True, artifact=15_990_000)),
      "train_seed314.log: its total 16,006,594 bytes is over the 16,000,000-byte cap"),
     (single_run, lambda f: write(f / "train_seed42.log", olog(1337, [lines("final_int8_zlib_roundtrip", 42)])),
