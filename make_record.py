@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -44,8 +45,13 @@ NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 # Score preference, best first. Within a tier the LAST line wins: official scripts print their final
 # score last, sometimes under a legacy label (final_int8_zlib_roundtrip_exact holding a sliding or TTT
 # score: seed-results.md section 7 item 6), so the label is always reported with the value.
-SCORE_TIERS = (r"legal_ttt", r"^(multipass_min|prequant_ttt)$", r"^final_.*sliding_window", r"^quantized_ttt", r"^final_.*roundtrip")
-SCORE_RE = re.compile(rf"^(?P<label>[A-Za-z][A-Za-z0-9_]*?)(?P<exact>_exact)? val_loss:(?P<loss>{NUM}) val_bpb:(?P<bpb>{NUM})(?P<rest>.*)$")
+SCORE_TIERS = (r"legal_ttt", r"^(multipass_min|prequant_ttt)$", r"^final_.*sliding_window", r"^quantized_ttt", r"^quantized_sliding_window",
+               r"^final_.*ttt", r"^final_.*roundtrip")
+# Official variants: 'final_sliding_window_eval_exact stride:64 val_loss:...' (settings before val_loss) and
+# 'final_int8_zlib_roundtrip sliding val_loss:N sliding val_bpb:N' (a qualifier word: it joins the label).
+SCORE_RE = re.compile(rf"^(?P<label>[A-Za-z][A-Za-z0-9_]*?)(?P<exact>_exact)?(?P<mid>(?: (?:\w+:{NUM}|[a-z]+))*) val_loss:(?P<loss>{NUM})"
+                      rf" (?:[a-z]+ )?val_bpb:(?P<bpb>{NUM})(?P<rest>.*)$")
+CODE_LINE_RE = re.compile(r"^(?:import \w|from [\w.]+ import |def \w|class \w)", re.MULTILINE)
 SOURCE_RE = re.compile(r"^# ===== source: (\S+) =====\n", re.MULTILINE)
 TRAIN_RE = re.compile(rf"^step:(\d+)/\d+ train_loss:({NUM}) train_time:({NUM})ms step_avg:({NUM})ms")
 VAL_RE = re.compile(rf"^step:(\d+)/\d+ val_loss:({NUM}) val_bpb:({NUM})(?: train_time:({NUM})ms)?(?: step_avg:({NUM})ms)?")
@@ -59,7 +65,7 @@ INFO_RES = [re.compile(p) for p in (
     r"^dataset_disjoint:val_docs_in_train=(?P<val_docs_in_train>\d+)/(?P<val_docs>\d+)",
     r"^model_params:(?P<params>\d+)",
     r"^world_size:(?P<world_size>\d+) grad_accum_steps:\d+(?: device:(?P<device>\S+))?",
-    r"^seed:(?P<seed>\d+)\s*$",
+    r"^\s*seed:\s*(?P<seed>\d+)\s*$",  # also '  seed: 42' in the PR-era 'Hyperparameters:' dump
     r"^stopping_early: wallclock_cap train_time:(?P<stop_ms>\d+)ms",
     rf"^gptq_calibration:.*? time:(?P<calib_s>{NUM})s",
     r"^Serialized model: (?P<raw_model_bytes>\d+) bytes",
@@ -177,9 +183,8 @@ def parse_log(path) -> RunLog:
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         text = f.read()
     r = RunLog(path=str(path), sources=extract_sources(text))
-    m = re.search(rf"^{SEP}\n(?=Running Python)", text, re.MULTILINE)
-    section = -1  # the code dumped above the separator (ours or the official one) is not log lines
-    for line in (text[m.start():] if m else text).splitlines():
+    section = -1
+    for line in text[log_start(text):].splitlines():
         line = line.rstrip("\r")
         if line.startswith("step:"):
             if t := TRAIN_RE.match(line):
@@ -189,8 +194,8 @@ def parse_log(path) -> RunLog:
                 r.val.append((int(v[1]), float(v[2]), float(v[3]), float(v[4]) if v[4] else None))
                 r.step_avg_ms = float(v[5]) if v[5] else r.step_avg_ms
         elif s := SCORE_RE.match(line):
-            ms = re.search(rf"eval_time:({NUM})ms", s["rest"])
-            r.scores.append(Score(s["label"], float(s["loss"]), float(s["bpb"]), len(s["bpb"].partition(".")[2]),
+            ms, label = re.search(rf"eval_time:({NUM})ms", s["rest"]), "_".join([s["label"], *re.findall(r" ([a-z]+)(?= |$)", s["mid"])])
+            r.scores.append(Score(label, float(s["loss"]), float(s["bpb"]), len(s["bpb"].partition(".")[2]),
                                   bool(s["exact"]), section, float(ms[1]) if ms else None))
         elif line.startswith("config:{"):
             try:
@@ -214,6 +219,13 @@ def parse_log(path) -> RunLog:
             twin = [t.eval_ms for t in r.scores if not t.exact and t.label == sc.label and t.section == sc.section and t.eval_ms]
             sc.eval_ms = twin[-1] if twin else None
     return r
+
+
+def log_start(text: str) -> int:
+    """The code a log prints first (our source blocks, or the official script, which may quote score or seed lines)
+    is not log lines: it ends at the first separator line, followed by 'Running Python' or preceded by code."""
+    m = re.search(rf"^{SEP}$", text, re.MULTILINE)
+    return m.start() if m and (text.startswith("Running Python", m.end() + 1) or CODE_LINE_RE.search(text, 0, m.start())) else 0
 
 
 def extract_sources(text: str) -> dict[str, str]:
@@ -508,7 +520,7 @@ def reference_scores(values: str | None, folder: str | None) -> tuple[list[float
     f = Path(folder)
     if not f.is_dir():
         raise ValueError(f"--reference-folder {f} is not a folder")
-    if runs := [r for r in select_logs(f, None)[0].values() if r.score()]:
+    if runs := [rs[0] for rs in select_logs(f)[0].values() if rs[0].score()]:
         return [r.score().bpb for r in runs], f"{f} (score lines of {len(runs)} logs)"
     try:
         sub = json.loads((f / "submission.json").read_text())
@@ -579,13 +591,19 @@ def write_plots(d: Path, runs: list) -> list[str]:
     matplotlib.use("Agg")  # files only: training boxes have no display
     import matplotlib.pyplot as plt
 
-    out = []
+    from matplotlib.ticker import MaxNLocator
+
+    out, scores = [], [r.score() for r in runs]
+    title = f"val_bpb {statistics.fmean(s.bpb for s in scores):.5f} ({', '.join(sorted({s.name for s in scores}))}, {len(runs)}-seed mean)"
     for fname, ylabel, col, rows in (("train_loss.png", "train loss", 1, "train"), ("val_bpb.png", "val bpb", 2, "val")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for r in runs:
             pts = getattr(r, rows)
             ax.plot([p[0] for p in pts], [p[col] for p in pts], marker="." if len(pts) < 30 else None, label=f"seed {r.seed}")
-        ax.set(xlabel="step", ylabel=ylabel)
+        if rows == "val":
+            mark_final_scores(ax, runs)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 ticks on short runs
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -593,6 +611,21 @@ def write_plots(d: Path, runs: list) -> list[str]:
         plt.close(fig)
         out.append(fname)
     return out
+
+
+FINAL_MARKS = (("roundtrip", r"^final_.*roundtrip", False, "s"), ("sliding", r"^final_.*sliding_window", True, "^"),
+               ("final", None, True, "*"))  # (legend, exact-line pattern (None: the score), last line of it?, marker)
+
+
+def mark_final_scores(ax, runs: list) -> None:
+    """The scores after training, at each run's last step: the val curve alone ends at the live model's value.
+    A roundtrip or sliding line that is the final score itself is marked once, as final."""
+    for kind, pattern, last, marker in FINAL_MARKS:
+        hits = [(r.steps, s) for r in runs if (s := r.find(pattern, last) if pattern else r.score())
+                and (not pattern or s is not r.score())]
+        if hits:
+            ax.scatter([x for x, _ in hits], [s.bpb for _, s in hits], marker=marker, zorder=3,
+                       label=f"{kind} ({', '.join(sorted({s.name for _, s in hits}))})")
 
 
 def repro(r: RunLog, sc: Score) -> tuple[str | None, list[str], list[str]]:
@@ -691,10 +724,14 @@ NUMBER, OPT_NUMBER, INT, TEXT = (int, float), (int, float, type(None)), (int,), 
 FIELDS = {  # name -> (accepted types, required of: every folder | ours (generator make_record.py) | none)
     "name": (TEXT, "all"), "github_id": (TEXT, "all"), "val_bpb": (NUMBER, "all"), "bytes_total": (INT, "all"),
     "date": (TEXT, "all"), "val_loss": (NUMBER, "ours"), "bytes_code": (INT, "ours"), "track": (TEXT, "ours"),
-    "seeds": ((list,), "ours"), "seed_results": ((dict,), "ours"), "std": (OPT_NUMBER, "ours"), "hardware": (TEXT, "ours"),
+    "seeds": ((list, dict), "ours"), "seed_results": ((dict,), "ours"), "std": (OPT_NUMBER, "ours"), "hardware": (TEXT, "ours"),
     "versions": ((dict,), "ours"), "compliance": ((dict,), "ours"), "p_value": (OPT_NUMBER, "ours"),
     "significance": ((dict, type(None)), "ours"), "author": (TEXT, ""), "blurb": (TEXT, ""), "val_bpb_std": (OPT_NUMBER, ""),
 }
+ALIASES = {"val_bpb": ("mean_val_bpb", "mean_bpb"), "val_loss": ("mean_val_loss",), "name": ("run_name",), "bytes_code": ("code_bytes",)}
+# Official submission.json sizes that, plus the code, must fit the cap where bytes_total is absent (a mean over the cap: some seed is).
+ARTIFACT_KEYS = ("artifact_bytes_max", "artifact_bytes", "artifact_size_bytes", "artifact_bytes_mean", "bytes_model_int8_zlib",
+                 "bytes_model_int6_zstd", "bytes_model_compressed")
 
 
 def read_json(path: Path, problems: list) -> dict:
@@ -712,29 +749,32 @@ def _is(v, types) -> bool:
 
 
 def find_logs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or (p.suffix == ".txt" and p.name.startswith(("train", "log")))))
+    """*.log, and *.txt named train*, seed* or *log*, in the folder; any .log/.txt in a logs* subfolder (official layouts)."""
+    top = [p for p in folder.iterdir() if p.is_file() and (p.suffix == ".log" or p.suffix == ".txt" and (
+           p.name.startswith(("train", "seed")) or "log" in p.name))]
+    subs = [d for d in folder.iterdir() if d.is_dir() and d.name.startswith("logs")]
+    return sorted(top + [p for d in subs for p in d.iterdir() if p.is_file() and p.suffix in (".log", ".txt")])
 
 
 def seed_from_name(name: str) -> int | None:
-    return int(m[1]) if (m := re.search(r"seed_?(\d+)", name)) else None
+    return int(m[1]) if (m := re.search(r"seed[_-]?(\d+)", name)) else None
 
 
-def select_logs(folder: Path, seeds: list | None) -> tuple[dict, list[str]]:
-    """-> ({seed: RunLog}, notes): one log per seed. The seed comes from the log (config or `seed:` line)
-    before the file name, so a file named for one seed that ran another is caught."""
-    by_seed, notes = {}, []
+def select_logs(folder: Path) -> tuple[dict, list[str], list[str]]:
+    """-> ({seed: [RunLog, best first]}, notes, problems). The seed comes from the log (config or `seed:` line)
+    before the file name: a file named for one seed that ran another contradicts the folder."""
+    by_seed, notes, problems = {}, [], []
     for p in find_logs(folder):
         r, named = parse_log(p), seed_from_name(p.name)
         if r.seed is not None and named is not None and named != r.seed:
-            notes.append(f"{p.name}: the file name says seed {named} but the log ran seed {r.seed}")
+            problems.append(f"{p.name}: the file name says seed {named} but the log ran seed {r.seed}")
         by_seed.setdefault(r.seed if r.seed is not None else named if named is not None else p.name, []).append(r)
-    chosen = {}
     for key, rs in by_seed.items():
-        best = next((r for r in rs if Path(r.path).name in (f"train_seed{key}.log", "train.log")), rs[0])
+        rs.sort(key=lambda r: Path(r.path).name not in (f"train_seed{key}.log", "train.log"))  # stable: else the first by name
         if len(rs) > 1:
-            notes.append(f"{len(rs)} logs for seed {key} ({', '.join(Path(r.path).name for r in rs)}): {Path(best.path).name} is used")
-        chosen[key] = best
-    return ({k: v for k, v in chosen.items() if k in seeds} if seeds is not None else chosen), notes
+            names = ", ".join(sorted(Path(r.path).name for r in rs))
+            notes.append(f"{len(rs)} logs for seed {key} ({names}): {Path(rs[0].path).name} is used")
+    return by_seed, notes, problems
 
 
 def _tol(value: float, scores: list[Score]) -> float:
@@ -744,41 +784,59 @@ def _tol(value: float, scores: list[Score]) -> float:
     return max(5e-6 if all(s.decimals >= 8 for s in scores) else 5e-5, 0.5 * 10.0 ** -max(shown, 4)) + 1e-12
 
 
+def canonical(sub: dict, N: list) -> dict:
+    """An official submission.json with a fact under another name (ALIASES): the canonical key takes it, with a note."""
+    out = dict(sub)
+    for key, names in ALIASES.items():
+        if key not in sub and (alt := next((a for a in names if _is(sub.get(a), FIELDS[key][0])), None)):
+            out[key] = sub[alt]
+            N.append(f"submission.json: '{key}' is absent: {alt} is checked in its place")
+    return out
+
+
 def validate(folder) -> tuple[list[str], list[str]]:
-    """-> (problems, notes): a problem breaks the folder; a note says what could not be checked."""
+    """-> (problems, notes): a problem breaks the folder; a note says what could not be checked. Our folders
+    (generator make_record.py) must hold every field we write, in its type; in an official folder a missing or
+    differently-shaped field is a note, and only a contradiction with its logs or the cap is a problem."""
     f, P, N = Path(folder), [], []
     if not f.is_dir():
         return [f"{f} is not a folder"], []
-    P += [f"missing {n}" for n in ("README.md", "submission.json", "train_gpt.py") if not (f / n).is_file()]
-    P += [] if find_logs(f) else ["no log file (*.log or train*.txt)"]
+    P += [f"missing {n}" for n in ("README.md", "submission.json") if not (f / n).is_file()]
+    P += [] if find_logs(f) else ["no log file (*.log, train*/seed*/*log*.txt, or in a logs/ folder)"]
     sub = read_json(f / "submission.json", P)
     ours = str(sub.get("generator", "")).startswith("make_record")  # ours: every field we write is required
+    if not (f / "train_gpt.py").is_file():  # official folders may ship train_gpt_v5.py, train_mdlm.py, ...
+        other = [] if ours else sorted(p.name for p in f.glob("*.py"))
+        (N if other else P).append(f"no train_gpt.py: the code is {', '.join(other)}" if other else "missing train_gpt.py")
+    sub, shape = (sub, P) if ours else (canonical(sub, N), N)
     for k, (types, need) in FIELDS.items() if (f / "submission.json").is_file() else ():
         if k not in sub and (need == "all" or need == "ours" and ours):
-            P.append(f"submission.json: missing field '{k}'")
+            shape.append(f"submission.json: missing field '{k}'" + ("" if ours else ": not checked"))
         elif k not in sub and k in ("val_loss", "bytes_code", "seeds"):
             N.append(f"submission.json has no '{k}': not checked")
         elif k in sub and not _is(sub[k], types):
-            P.append(f"submission.json: '{k}' is {type(sub[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}")
-    results = sub["seed_results"] if isinstance(sub.get("seed_results"), dict) else {}
+            shape.append(f"submission.json: '{k}' is {type(sub[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}"
+                         + ("" if ours else ": not checked"))
+    results = per_seed(sub)
     seeds, found = declared_seeds(sub, results, P, N), find_logs(f)
-    every, notes = select_logs(f, None)
-    logs = {k: r for k, r in every.items() if seeds is None or k in seeds}
+    groups, notes, bad = select_logs(f)
+    logs = {k: rs[0] for k, rs in groups.items() if seeds is None or k in seeds}
     N += notes
-    P += [f"declared seed {s} has no log" for s in seeds or [] if s not in logs]
+    P += bad + [f"declared seed {s} has no log" for s in seeds or [] if s not in logs]
     if found and not logs:
         P.append(f"none of the {len(found)} log(s) is checked: " + ("submission.json declares no seeds" if not seeds else
                  f"none ran a declared seed ({', '.join(map(str, seeds))})"))
-    elif extra := [Path(r.path).name for k, r in every.items() if k not in logs]:
+    elif extra := [Path(r.path).name for k, rs in groups.items() if k not in logs for r in rs]:
         N.append(f"log(s) of undeclared seeds not checked: {', '.join(extra)}")
     for key, res in results.items():  # the score line build chose (--score-label), else the preference order
-        if str(key).isdigit() and int(key) in logs and isinstance(res, dict) and isinstance(res.get("score_label"), str):
-            logs[int(key)].label = res["score_label"]
+        if key in logs and isinstance(res.get("score_label"), str):
+            logs[key].label = res["score_label"]
     for r in logs.values():
         if not r.score():
             P.append(f"{Path(r.path).name}: no score line " + (f"{r.label} (its seed_results score_label)" if r.label else
                      "(legal_ttt_exact, final_*sliding_window*_exact, quantized_ttt*_exact or final_*_roundtrip_exact)"))
         N += [f"{Path(r.path).name}: {x}" for x in r.score_notes()]
+    logs = check_claims(sub, groups, logs, ours, seeds is None, P, N)
     track = sub["track"] if isinstance(sub.get("track"), str) else next((t for t in reversed(f.resolve().parts) if t.startswith("track_")), "")
     if track.removeprefix("track_") == "10min_16mb":
         for r in logs.values():
@@ -786,16 +844,11 @@ def validate(folder) -> tuple[list[str], list[str]]:
                 tp, tn = record_track_check(r, sc, strict=ours)
                 P += [f"{Path(r.path).name}: {x}: not allowed on track_10min_16mb" for x in tp]
                 N += [f"{Path(r.path).name}: {x}" for x in tn]
-    scored = [r.score() for r in logs.values() if r.score()]
-    if scored and len(scored) == len(logs):
-        for fld, attr in (("val_bpb", "bpb"), ("val_loss", "loss")):
-            if _is(sub.get(fld), NUMBER) and abs(sub[fld] - (mean := statistics.fmean(getattr(s, attr) for s in scored))) > (tol := _tol(sub[fld], scored)):
-                P.append(f"submission.json {fld} {sub[fld]} does not match the mean of the logs' score lines, {mean:.8f} ("
-                         f"{', '.join(sorted({s.name for s in scored}))} over {len(scored)} log(s), tolerance {tol:.1g})" + _other_label(logs, attr, sub[fld], tol))
-        for key, res in results.items():
-            r = logs.get(int(key)) if str(key).isdigit() else None
-            if r and r.score() and isinstance(res, dict) and _is(res.get("val_bpb"), NUMBER) and abs(res["val_bpb"] - r.score().bpb) > _tol(res["val_bpb"], [r.score()]):
-                P.append(f"seed_results[{key}].val_bpb {res['val_bpb']} != its log's {r.score().name} {r.score().bpb}")
+    for key, res in results.items():  # ours: the line build chose; official: any score line of that log
+        r = logs.get(key)
+        if r and r.score() and _is(res.get("val_bpb"), NUMBER) and not any(
+                abs(res["val_bpb"] - s.bpb) <= _tol(res["val_bpb"], [s]) for s in ([r.score()] if ours else r.scores)):
+            P.append(f"seed_results[{key}].val_bpb {res['val_bpb']} != its log's {r.score().name} {r.score().bpb}")
     check_sizes(f, sub, logs, results, ours, P, N)
     differs = {}  # every log's code against the shipped files
     for r in logs.values():
@@ -810,19 +863,64 @@ def validate(folder) -> tuple[list[str], list[str]]:
     return P, N
 
 
+def claim_candidates(groups: dict, logs: dict, single: bool) -> list[tuple[dict, str | None]]:
+    """(logs, label) whose mean a claimed score may be, the preferred first: one log per seed (each choice where a
+    seed has several logs, up to 64 choices), with each score label they all print; without declared seeds also one log alone."""
+    sets = [dict(zip(logs, c)) for c in itertools.islice(itertools.product(*(groups[k] for k in logs)), 64)]
+    sets += [{k: r} for k, r in logs.items()] if single and len(logs) > 1 else []
+    return [(s, label) for s in sets for label in [None, *sorted(set.intersection(*({x.label for x in r.scores} for r in s.values())))]]
+
+
+def check_claims(sub: dict, groups: dict, logs: dict, ours: bool, single: bool, P: list, N: list) -> dict:
+    """val_bpb and val_loss against the mean of the logs' score lines: ours, the lines build chose; an official folder,
+    any claim_candidates one (a note where it is not the preferred). -> the logs, labelled as the val_bpb claim reads them."""
+    cands = [(logs, None)] if ours or not logs else claim_candidates(groups, logs, single)
+    for fld, attr in (("val_bpb", "bpb"), ("val_loss", "loss")):
+        if not _is(v := sub.get(fld), NUMBER):
+            continue
+        means = [(i, s, label, sc) for i, (s, label) in enumerate(cands) if all(sc := [r.score(label) for r in s.values()]) and sc]
+        hit = next((m for m in means if abs(v - statistics.fmean(getattr(x, attr) for x in m[3])) <= _tol(v, m[3])), None)
+        if hit is None and means and means[0][0] == 0:
+            sc, tol = means[0][3], _tol(v, means[0][3])
+            mean, what = statistics.fmean(getattr(x, attr) for x in sc), ", ".join(sorted({x.name for x in sc}))
+            P.append(f"submission.json {fld} {v} does not match the mean of the logs' score lines, {mean:.8f} ({what} over "
+                     f"{len(sc)} log(s), tolerance {tol:.1g})" + _other_label(logs, attr, v, tol))
+        elif hit and hit[0]:
+            _, s, label, sc = hit
+            names, what = ", ".join(sorted(Path(r.path).name for r in s.values())), ", ".join(sorted({x.name for x in sc}))
+            N.append(f"{fld} {v} is " + (f"the score of {names} ({what})" if single and len(s) < len(logs) else
+                                         f"the mean of {what} over {names}") + ", not of the preferred score lines: checked as that")
+            if fld == "val_bpb":
+                logs = {k: r for k, r in s.items()}
+                for r in logs.values():
+                    r.label = label or r.label
+    return logs
+
+
+def per_seed(sub: dict) -> dict[int, dict]:
+    """{seed: its results} from seed_results, and from seeds given as a dict ({seed: {...}} or {seed: bpb})."""
+    out = {}
+    for src in (sub.get("seeds"), sub.get("seed_results")):
+        for k, v in src.items() if isinstance(src, dict) else ():
+            if m := re.fullmatch(r"(?:seed[_-]?)?(\d+)", str(k)):
+                out.setdefault(int(m[1]), {}).update(v if isinstance(v, dict) else {"val_bpb": v} if _is(v, NUMBER) else {})
+    return out
+
+
 def declared_seeds(sub: dict, results: dict, P: list, N: list) -> list[int] | None:
-    """submission.json's seeds (each an int), else seed_results' numeric keys; None: nothing declared (all logs)."""
+    """submission.json's seeds (a list of ints), else the seeds its per-seed results name, else its one `seed`;
+    None: nothing declared (all logs)."""
     if isinstance(sub.get("seeds"), list):
         if bad := [s for s in sub["seeds"] if not _is(s, INT)]:
             P.append(f"submission.json: seeds entries {', '.join(map(repr, bad))} are not integers")
         seeds = [int(s) for s in sub["seeds"] if _is(s, INT) or str(s).isdigit()]
         P += [f"submission.json: seeds lists seed {s} {seeds.count(s)} times" for s in sorted(set(seeds)) if seeds.count(s) > 1]
         return seeds
-    if seeds := [int(k) for k in results if str(k).isdigit()]:
-        return seeds
     if results:
+        return list(results)
+    if any(isinstance(sub.get(k), dict) and sub[k] for k in ("seeds", "seed_results")):
         N.append("seed_results keys are not seeds: every log is checked")
-    return None
+    return [sub["seed"]] if _is(sub.get("seed"), INT) else None
 
 
 def _other_label(logs: dict, attr: str, value: float, tol: float) -> str:
@@ -840,11 +938,19 @@ def check_sizes(f: Path, sub: dict, logs: dict, results: dict, ours: bool, P: li
     logged = {k: r.total_bytes for k, r in logs.items() if r.total_bytes is not None}
     if total is not None and logged and total < max(logged.values()):
         P.append(f"bytes_total {total:,} understates the logs' largest total, {max(logged.values()):,} (seed {max(logged, key=logged.get)})")
+    P += [f"{Path(r.path).name}: its total {t:,} bytes is over the {SIZE_CAP:,}-byte cap" for r in logs.values()
+          if (t := r.info.get("total_bytes")) is not None and t > SIZE_CAP]
     code = sum((f / n).stat().st_size for n in CODE_FILES if (f / n).is_file())
     raw = ours and all(str(r.info.get("code_detail", "")).startswith("raw") for r in logs.values())
     if _is(sub.get("bytes_code"), INT) and sub["bytes_code"] != code:  # packed or wrapper counts differ from the files by design
         (P if raw else N).append(f"bytes_code {sub['bytes_code']:,} != the shipped code files' {code:,} bytes" + ("" if raw else " (a packed count?)"))
         code = code if raw else sub["bytes_code"]  # what the submission counted is what code + artifact must add up to
+    sized = [(f"seed_results[{k}]: {key}", res[key], key != "bytes_total") for k, res in results.items()
+             for key in ("bytes_total", "artifact_bytes") if _is(res.get(key), INT)]  # official folders without bytes_total
+    for what, b, plus_code in sized + [(key, sub[key], True) for key in ARTIFACT_KEYS if _is(sub.get(key), INT)]:
+        if b + code * plus_code > SIZE_CAP:
+            P.append(f"{what} {b:,}" + (f" + code {code:,} = {b + code:,}" if plus_code else "")
+                     + f" bytes is over the {SIZE_CAP:,}-byte cap")
     if not (arts := sorted(f.glob("*.ptz"))):
         N.append("no artifact (*.ptz) in the folder: bytes_total not checked against code + artifact")
         return
@@ -854,8 +960,8 @@ def check_sizes(f: Path, sub: dict, logs: dict, results: dict, ours: bool, P: li
         t = totals[seed] = code + p.stat().st_size
         if t > SIZE_CAP:
             P.append(f"{p.name}: code + artifact = {t:,} bytes is over the {SIZE_CAP:,}-byte cap")
-        res = results.get(str(seed))
-        if isinstance(res, dict) and _is(res.get("bytes_total"), INT) and res["bytes_total"] != t:
+        res = results.get(seed, {})
+        if _is(res.get("bytes_total"), INT) and res["bytes_total"] != t:
             P.append(f"seed_results[{seed}].bytes_total {res['bytes_total']:,} != code {code:,} + {p.name} {p.stat().st_size:,}")
     if total is not None and (total < max(totals.values()) or set(totals) >= set(logs) and total != max(totals.values())):
         P.append(f"bytes_total {total:,} != code {code:,} + largest artifact = {max(totals.values()):,}")
@@ -873,21 +979,25 @@ def report(folder) -> int:
 
 
 def cmd_leaderboard(a) -> int:
-    rows = []
+    """Valid folders ranked by val_bpb; the others listed apart with why: a claim is ranked only if its logs bear it out."""
+    rows, unranked = [], []
     for p in sorted(Path(a.root).rglob("submission.json")):
-        try:
-            sub = json.loads(p.read_text(encoding="utf-8"))
-            rows.append((float(sub["val_bpb"]), str(sub.get("track") or next((t for t in p.parts if t.startswith("track_")), "-")),
-                         str(sub.get("name", p.parent.name)), ",".join(map(str, sub.get("seeds") or [])) or "-",
-                         fmt(sub["bytes_total"]) if _is(sub.get("bytes_total"), INT) else "-", str(sub.get("date", "-"))[:10], str(p.parent)))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            print(f"note: {p}: no readable val_bpb, skipped", file=sys.stderr)
-    if not rows:
+        problems, _ = validate(p.parent)
+        sub = canonical(read_json(p, problems), [])
+        if problems or not _is(sub.get("val_bpb"), NUMBER):
+            unranked.append(f"  {p.parent}: " + (f"{len(problems)} problem(s), first: {problems[0]}" if problems else "no numeric val_bpb"))
+            continue
+        rows.append((float(sub["val_bpb"]), str(sub.get("track") or next((t for t in p.parts if t.startswith("track_")), "-")),
+                     str(sub.get("name", p.parent.name)), ",".join(map(str, sub.get("seeds") or [])) or "-",
+                     fmt(sub["bytes_total"]) if _is(sub.get("bytes_total"), INT) else "-", str(sub.get("date", "-"))[:10], str(p.parent)))
+    if not rows and not unranked:
         return fail(f"no submission.json under {a.root}")
     table = [("#", "val_bpb", "track", "name", "seeds", "bytes_total", "date", "folder")]
     table += [(str(i), f"{r[0]:.5f}", *r[1:]) for i, r in enumerate(sorted(rows), 1)]
     w = [max(len(row[j]) for row in table) for j in range(len(table[0]))]
     print("\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(row)).rstrip() for row in table))
+    if unranked:
+        print("\nnot ranked (python make_record.py validate FOLDER says why in full):\n" + "\n".join(unranked))
     return 0
 
 
