@@ -187,8 +187,8 @@ def val_target_bytes(cfg: Config, sp, tokens: np.ndarray) -> np.ndarray:
     reserved = [sp.piece_to_id(c) for c in CASEOPS_OPERATORS] == [4, 5, 6, 7]
     if cfg.caseops_enabled != bool(sidecar) or cfg.caseops_enabled != reserved:
         raise DataError(f"caseops_enabled={cfg.caseops_enabled} but {cfg.data_path} has {len(sidecar)} byte sidecar file(s) and "
-                        f"{cfg.tokenizer_path} {'reserves' if reserved else 'lacks'} the CaseOps operators at ids 4..7: CaseOps "
-                        "needs all three (`python data/prepare.py ... --caseops`), other data none")
+                        f"{cfg.tokenizer_path} {'reserves' if reserved else 'lacks'} the CaseOps operators at ids 4..7: CaseOps data needs "
+                        "caseops_enabled=true, its sidecar and its tokenizer (`python data/prepare.py ... --caseops`), other data none")
     if not sidecar:
         out = np.zeros(tokens.size, dtype=np.int32)
         out[1:] = target_bytes(tokens[:-1], tokens[1:], build_byte_luts(sp, cfg.vocab_size))
