@@ -742,7 +742,7 @@ def parser() -> argparse.ArgumentParser:
         tok = q.add_mutually_exclusive_group(required=True)
         tok.add_argument("--tokenizer", help="reuse this SentencePiece .model")
         tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size (official settings)")
-        q.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split")
+        q.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split (the challenge's val set: 50000)")
         q.add_argument("--out", required=True, help="dataset dir for the shards and manifest.json")
         q.add_argument("--tokenizer-dir", default="data/tokenizers")
         q.add_argument("--name", dest="name_prefix", default="custom", help="trained tokenizer: <tokenizer-dir>/<name>_<V>_bpe.model")
