@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,8 +47,12 @@ def load_shard(path) -> np.ndarray:
     n = read_shard_header(path)
     return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
 
+def split_files(data_path, split: str) -> list[Path]:
+    """fineweb_<split>_NNNNNN.bin, sorted; the strict name keeps the val_bytes sidecar out of the val split."""
+    return sorted(p for p in Path(data_path).glob(f"fineweb_{split}_*.bin") if re.fullmatch(rf"fineweb_{split}_\d{{6}}\.bin", p.name))
+
 def shard_files(data_path: str, split: str) -> list[Path]:
-    files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    files = split_files(data_path, split)
     if not files:
         raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
                         "(or `python data/prepare.py sample` for the offline sample) and check data_path")
@@ -146,7 +151,10 @@ def usable_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: usable + 1]
 
 # -----------------------------------------------------------------------------
-# BYTE ACCOUNTING: val_bpb = sum NLL / (ln 2 * sum bytes of the SentencePiece-normalised text)
+# BYTE ACCOUNTING: val_bpb = sum NLL / (ln 2 * sum bytes of the SentencePiece-normalised text), or of the
+# original text for CaseOps data (per-token byte sidecar)
+
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC (data/caseops.py)
 
 def build_byte_luts(sp, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token (base_bytes, has_leading_space, is_boundary); ids past the model's vocab are boundaries."""
@@ -170,6 +178,26 @@ def target_bytes(prev_ids, tgt_ids, luts):
     Works on numpy arrays or torch tensors (luts of the same kind)."""
     base, space, boundary = luts
     return base[tgt_ids] + (space[tgt_ids] & ~boundary[prev_ids])
+
+def val_target_bytes(cfg: Config, sp, tokens: np.ndarray) -> np.ndarray:
+    """Bytes of the target at each position of a val stream (int32; position 0 is never a target). CaseOps
+    data: its byte sidecar (fineweb_val_bytes_*.bin, the ORIGINAL text's UTF-8 bytes per token), because LUT
+    bytes of the transformed text would count the case operators; any other data: the LUT rule above."""
+    sidecar = split_files(cfg.data_path, "val_bytes")
+    reserved = [sp.piece_to_id(c) for c in CASEOPS_OPERATORS] == [4, 5, 6, 7]
+    if cfg.caseops_enabled != bool(sidecar) or cfg.caseops_enabled != reserved:
+        raise DataError(f"caseops_enabled={cfg.caseops_enabled} but {cfg.data_path} has {len(sidecar)} byte sidecar file(s) and "
+                        f"{cfg.tokenizer_path} {'reserves' if reserved else 'lacks'} the CaseOps operators at ids 4..7: CaseOps data needs "
+                        "caseops_enabled=true, its sidecar and its tokenizer (`python data/prepare.py ... --caseops`), other data none")
+    if not sidecar:
+        out = np.zeros(tokens.size, dtype=np.int32)
+        out[1:] = target_bytes(tokens[:-1], tokens[1:], build_byte_luts(sp, cfg.vocab_size))
+        return out
+    out = np.concatenate([load_shard(f) for f in sidecar]).astype(np.int32)
+    if out.size != tokens.size:
+        raise DataError(f"{cfg.data_path}: byte sidecar has {out.size} entries for {tokens.size} val tokens: re-create it with `--caseops`")
+    out[0] = 0
+    return out
 
 def bits_per_byte(nll_sum: float, byte_sum: float) -> float:
     return nll_sum / (math.log(2.0) * byte_sum)

@@ -51,6 +51,7 @@ class Config:
     out_dir: str = ""  # "" -> runs/<run_id>; checkpoints and the artifact land here
     seed: int = 1337
     data_check_train_shards: int = 1  # train shards scanned for val documents at start (0 = skip)
+    caseops_enabled: bool = False  # CaseOps data (PR #1855): val_bpb divides by the dataset's byte sidecar (original text bytes)
     # schedule and batch
     iterations: int = 20000
     warmdown_iters: int = 1200
@@ -323,7 +324,7 @@ sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
     bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
-    read_shard_header, shard_files, target_bytes, usable_val)
+    read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -928,9 +929,9 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 @torch.no_grad()
-def eval_val(cfg: Config, model: nn.Module, rt: Runtime, val_tokens: Tensor, luts) -> tuple[float, float]:
+def eval_val(cfg: Config, model: nn.Module, rt: Runtime, val_tokens: Tensor, tgt_bytes: Tensor) -> tuple[float, float]:
     """Baseline eval: non-overlapping windows of train_seq_len, each scored from a fresh context,
-    windows split contiguously across ranks, sums in float64 and all-reduced."""
+    windows split contiguously across ranks, sums in float64 and all-reduced. tgt_bytes[p] = bytes of target p."""
     T = cfg.train_seq_len
     n_seqs = (val_tokens.numel() - 1) // T
     lo, hi = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
@@ -947,7 +948,7 @@ def eval_val(cfg: Config, model: nn.Module, rt: Runtime, val_tokens: Tensor, lut
                 nll = model(x, y, reduction="none")
             sums[0] += nll.double().sum()
             sums[1] += y.numel()
-            sums[2] += target_bytes(x, y, luts).double().sum()
+            sums[2] += tgt_bytes[s * T + 1 : e * T + 1].to(rt.device, torch.float64).sum()
     model.train(was_training)
     all_reduce_(sums)
     nll, ntok, nbytes = sums.tolist()
@@ -1113,17 +1114,18 @@ def main(argv: list[str]) -> None:
     texts = log_provenance(log, cfg, sources)
     seed_everything(cfg.seed)
 
-    # tokenizer, byte LUTs, data integrity
+    # tokenizer, data integrity, bytes per val target
     sp = load_tokenizer(cfg)
-    luts = tuple(torch.from_numpy(a).to(rt.device) for a in build_byte_luts(sp, cfg.vocab_size))
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}")
     train_files, val_files = shard_files(cfg.data_path, "train"), shard_files(cfg.data_path, "val")
     val_stream = load_val_stream(val_files, cfg.vocab_size)
     for line in check_dataset(cfg, val_stream, train_files, int(sp.bos_id())):
         log(line)
     val_tokens = torch.from_numpy(usable_val(val_stream, cfg.train_seq_len).astype(np.int32))  # int64 per batch
+    tgt_bytes = torch.from_numpy(val_target_bytes(cfg, sp, val_stream)[: val_tokens.numel()])
     log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(train_files)}")
     log(f"val_loader:shards pattern={Path(cfg.data_path) / 'fineweb_val_*.bin'} tokens:{val_tokens.numel() - 1}")
+    log(f"val_bytes:{int(tgt_bytes[1:].sum())} from:{'caseops_sidecar (original text)' if cfg.caseops_enabled else 'tokenizer_luts'}")
     if cfg.train_batch_tokens % (cfg.virtual_world_size * cfg.train_seq_len):
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} must be a multiple of virtual_world_size*train_seq_len")
 
@@ -1158,10 +1160,10 @@ def main(argv: list[str]) -> None:
     if ck is not None:
         restore_checkpoint(r, ck)
         del ck
-    pre_bpb = train_loop(r, val_tokens, luts, peak)
+    pre_bpb = train_loop(r, val_tokens, tgt_bytes, peak)
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    finish(r, val_tokens, luts, pre_bpb)
+    finish(r, val_tokens, tgt_bytes, pre_bpb)
 
 class StopVote:
     """The stop decision and schedule clock all ranks share, without a host sync in the step: the host
@@ -1183,7 +1185,7 @@ class StopVote:
             self.pending[1].record()
         return (False, None) if prev is None else (bool(prev[0][0] > 0), float(prev[0][1]))
 
-def train_loop(r: Run, val_tokens: Tensor, luts, peak: float | None) -> float:
+def train_loop(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, peak: float | None) -> float:
     """Train until iterations or the wallclock budget; returns the last validation bpb."""
     cfg, rt, log = r.cfg, r.rt, r.log
     resumed_at = r.step if r.step > 0 else None  # that step's validation already ran before the crash
@@ -1198,7 +1200,7 @@ def train_loop(r: Run, val_tokens: Tensor, luts, peak: float | None) -> float:
         if last or (cfg.val_loss_every > 0 and r.step % cfg.val_loss_every == 0 and r.step != resumed_at):
             sync(rt.device)  # validation pauses the train clock
             r.train_ms += 1000.0 * (time.perf_counter() - t0)
-            val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
+            val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, tgt_bytes)
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"val_loss is {val_loss} at step {r.step}: training diverged; lower the learning rates")
             log(f"step:{r.step}/{cfg.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{r.train_ms:.0f}ms step_avg:{r.train_ms / max(r.step, 1):.2f}ms")
@@ -1286,7 +1288,7 @@ def calibrate(r: Run, quantize) -> dict | None:
               "raise gptq_reserve_seconds; calibration must finish inside the training budget")
     return quantize.finalize_hessians(H)
 
-def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
+def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> None:
     """Resumable checkpoint, weight average, GPTQ calibration, raw weights, artifact, size accounting,
     then the score of the artifact re-loaded from disk into the model."""
     import quantize
@@ -1296,7 +1298,7 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     if cfg.weight_average != "none":
         log(f"weights_average:{r.avg.apply()}")
         t = time.perf_counter()
-        val_loss, pre_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
+        val_loss, pre_bpb = eval_val(cfg, r.model, rt, val_tokens, tgt_bytes)
         log(f"post_average val_loss:{val_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     hessians = calibrate(r, quantize)
     art_path = r.out_dir / f"final_model.{cfg.quant_scheme}.ptz"
@@ -1325,7 +1327,7 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     state, _, _ = quantize.read_artifact(art_path)
     r.base.load_state_dict(rebank(state), strict=True)
     r.base.qat_mix.zero_()  # a non-persistent buffer: late QAT would fake-quantize the artifact's weights again
-    val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, luts)
+    val_loss, val_bpb = eval_val(cfg, r.model, rt, val_tokens, tgt_bytes)
     name = f"final_{cfg.quant_scheme}_{cfg.compressor}_roundtrip"
     log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")

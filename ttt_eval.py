@@ -137,9 +137,10 @@ def mine(items: list, rt: tg.Runtime) -> list:
 
 
 @torch.no_grad()
-def score(cfg, fn, tokens: Tensor, wins: list, luts, acc: Scores, device) -> None:
+def score(cfg, fn, tokens: Tensor, wins: list, tbytes: Tensor, acc: Scores, device) -> None:
     """Score windows under no_grad (not inference_mode: nothing made here may later poison a
-    backward), batched by length; targets before each window's offset are context only."""
+    backward), batched by length; targets before each window's offset are context only.
+    tbytes[p] = bytes of target p (tg.val_target_bytes, on the device)."""
     was = fn.training
     fn.eval()
     for wlen in sorted({w[1] for w in wins}, reverse=True):
@@ -154,7 +155,7 @@ def score(cfg, fn, tokens: Tensor, wins: list, luts, acc: Scores, device) -> Non
                 nll = fn(x, y, reduction="none").view(len(batch), wlen)
             keep = torch.arange(wlen, device=device)[None, :] >= torch.tensor([w[2] for w in batch], device=device)[:, None]
             idx = (starts.to(device)[:, None] + torch.arange(1, wlen + 1, device=device))[keep]
-            acc.add(nll[keep], tg.target_bytes(x, y, luts)[keep], idx)
+            acc.add(nll[keep], tbytes[idx], idx)
     fn.train(was)
 
 
@@ -240,7 +241,7 @@ def chunked(cfg, n_tokens: int, wins: list) -> tuple[int, list[list]]:
     return n_chunks, groups
 
 
-def legal_ttt(cfg, model, fn, tokens, wins, luts, rt, log, track=False, rotate=0, times=None) -> Scores:
+def legal_ttt(cfg, model, fn, tokens, wins, tbytes, rt, log, track=False, rotate=0, times=None) -> Scores:
     """Score-first TTT: for each chunk, score all its windows with the current weights, then (except
     for the last chunk) train on the chunk's tokens; LR cosine over chunks. rotate > 0 starts at a
     later chunk and wraps: only the illegal multi-pass mode does that."""
@@ -250,7 +251,7 @@ def legal_ttt(cfg, model, fn, tokens, wins, luts, rt, log, track=False, rotate=0
     for k in range(n_chunks):
         c = (k + rotate) % n_chunks
         t = time.perf_counter()
-        score(cfg, fn, tokens, mine(groups[c], rt), luts, acc, rt.device)
+        score(cfg, fn, tokens, mine(groups[c], rt), tbytes, acc, rt.device)
         times["scoring"] = times.get("scoring", 0.0) + time.perf_counter() - t
         if k == n_chunks - 1:
             break
@@ -264,7 +265,7 @@ def legal_ttt(cfg, model, fn, tokens, wins, luts, rt, log, track=False, rotate=0
     return acc
 
 
-def run_mode(cfg, model, fn, tokens, luts, rt, log=None, track=False, times=None) -> Scores:
+def run_mode(cfg, model, fn, tokens, tbytes, rt, log=None, track=False, times=None) -> Scores:
     """One full evaluation in cfg.eval_mode; the model ends adapted (callers restore it)."""
     T = cfg.eval_seq_len or cfg.train_seq_len
     wins = windows(tokens.numel(), T, cfg.eval_stride)
@@ -272,18 +273,18 @@ def run_mode(cfg, model, fn, tokens, luts, rt, log=None, track=False, times=None
     if cfg.eval_mode == "sliding":
         acc = Scores(tokens.numel(), rt.device, track)
         t = time.perf_counter()
-        score(cfg, fn, tokens, mine(wins, rt), luts, acc, rt.device)
+        score(cfg, fn, tokens, mine(wins, rt), tbytes, acc, rt.device)
         times["scoring"] = time.perf_counter() - t
         return acc.reduce()
     if cfg.eval_mode == "legal_ttt":
-        return legal_ttt(cfg, model, fn, tokens, wins, luts, rt, log, track, times=times).reduce()
+        return legal_ttt(cfg, model, fn, tokens, wins, tbytes, rt, log, track, times=times).reduce()
     if cfg.eval_mode == "prequant_ttt":  # illegal: adapt on all of val, re-quantize, then score
         t = time.perf_counter()
         Adapter(model, fn, cfg, rt).train(tokens, 0, tokens.numel() - 1, cfg.ttt_lr, cfg.ttt_epochs)
         requantize(model, cfg)
         times["training"] = time.perf_counter() - t
         acc = Scores(tokens.numel(), rt.device, track)
-        score(cfg, fn, tokens, mine(wins, rt), luts, acc, rt.device)
+        score(cfg, fn, tokens, mine(wins, rt), tbytes, acc, rt.device)
         return acc.reduce()
     # multipass_min (illegal): pass 0 scores the artifact; later passes restart from it, rotated
     start = copy.deepcopy(model.state_dict())
@@ -293,9 +294,9 @@ def run_mode(cfg, model, fn, tokens, luts, rt, log=None, track=False, times=None
         model.load_state_dict(start)
         if p == 0:
             acc = Scores(tokens.numel(), rt.device, True)
-            score(cfg, fn, tokens, mine(wins, rt), luts, acc, rt.device)
+            score(cfg, fn, tokens, mine(wins, rt), tbytes, acc, rt.device)
         else:
-            acc = legal_ttt(cfg, model, fn, tokens, wins, luts, rt, log, True, rotate=p * n_chunks // cfg.ttt_passes, times=times)
+            acc = legal_ttt(cfg, model, fn, tokens, wins, tbytes, rt, log, True, rotate=p * n_chunks // cfg.ttt_passes, times=times)
         passes.append(acc.reduce())
     best = Scores(tokens.numel(), rt.device, track)
     best.nll = torch.stack([a.nll for a in passes]).min(0).values  # chosen after the targets are known
@@ -317,19 +318,19 @@ def requantize(model: tg.GPT, cfg) -> None:
 # Legality self-check
 
 
-def check_legality(cfg, model, tokens: Tensor, luts, rt, p: int | None = None) -> list[str]:
+def check_legality(cfg, model, tokens: Tensor, tbytes, rt, p: int | None = None) -> list[str]:
     """Run the mode twice, the second time with every token after position p replaced. C1/C3: every
     target at or before p keeps a bit-identical score; C4: every target is scored exactly once; C2:
     the model's distribution sums to 1 over the whole vocabulary at sampled positions.
     Returns failure lines (empty = legal)."""
     p = p or tokens.numel() // 2
     start = copy.deepcopy(model.state_dict())
-    a = run_mode(cfg, model, model, tokens, luts, rt, track=True)
+    a = run_mode(cfg, model, model, tokens, tbytes, rt, track=True)
     model.load_state_dict(start)
     changed = tokens.clone()
     g = torch.Generator().manual_seed(1234)
     changed[p + 1 :] = (tokens[p + 1 :] + torch.randint(1, cfg.vocab_size, (tokens.numel() - p - 1,), generator=g)) % cfg.vocab_size
-    b = run_mode(cfg, model, model, changed, luts, rt, track=True)
+    b = run_mode(cfg, model, model, changed, tbytes, rt, track=True)
     model.load_state_dict(start)
     fails = []
     if not torch.equal(a.nll[1 : p + 1], b.nll[1 : p + 1]):
@@ -350,11 +351,14 @@ def check_legality(cfg, model, tokens: Tensor, luts, rt, p: int | None = None) -
 # CLI
 
 
-def val_stream(cfg) -> Tensor:
-    """The val tokens to score: the whole stream, or with eval_trim the seeds' prefix of whole
-    train_seq_len windows (the one train_gpt.py's roundtrip eval reads), so both score the same targets."""
+def val_stream(cfg, sp) -> tuple[Tensor, Tensor]:
+    """The val tokens to score and the bytes of each target: the whole stream, or with eval_trim the seeds'
+    prefix of whole train_seq_len windows (the one train_gpt.py's roundtrip eval reads), so both score the
+    same targets. Bytes come from the whole stream first: a CaseOps sidecar matches it entry for entry."""
     tokens = tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size)
-    return torch.from_numpy((tg.usable_val(tokens, cfg.train_seq_len) if cfg.eval_trim else tokens).astype(np.int32))
+    tbytes = tg.val_target_bytes(cfg, sp, tokens)
+    n = tg.usable_val(tokens, cfg.train_seq_len).size if cfg.eval_trim else tokens.size
+    return torch.from_numpy(tokens[:n].astype(np.int32)), torch.from_numpy(tbytes[:n])
 
 
 def load(cfg_path, overrides, artifact: str):
@@ -391,8 +395,8 @@ def main(argv: list[str]) -> None:
     if legality != "legal":
         log(f"eval_legality:{legality} reason:{WHY[cfg.eval_mode]}")
     sp = tg.load_tokenizer(cfg)
-    luts = tuple(torch.from_numpy(a).to(rt.device) for a in tg.build_byte_luts(sp, cfg.vocab_size))
-    tokens = val_stream(cfg)
+    tokens, tbytes = val_stream(cfg, sp)
+    tbytes = tbytes.to(rt.device)
     model = tg.GPT(cfg)
     model.load_state_dict(tg.rebank(state), strict=True)
     model.looping = cfg.num_loops > 0
@@ -406,7 +410,7 @@ def main(argv: list[str]) -> None:
     if "--check-legality" in flags:
         # enough tokens for several TTT chunks at the configured size, so adaptation really runs
         n = max(8 * (cfg.eval_seq_len or cfg.train_seq_len), 4 * cfg.ttt_chunk_tokens) + 1
-        fails = check_legality(cfg, model, tokens[: min(tokens.numel(), n)], luts, rt)
+        fails = check_legality(cfg, model, tokens[: min(tokens.numel(), n)], tbytes, rt)
         log("legality_check:" + ("pass C1 C2 C3 C4" if not fails else " FAIL " + "; ".join(fails)) + f" mode:{cfg.eval_mode}")
         if fails:
             raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {fails[0]}")
@@ -415,18 +419,18 @@ def main(argv: list[str]) -> None:
         t = time.perf_counter()
         start = copy.deepcopy(model.state_dict())
         rand = torch.randint(0, cfg.vocab_size, (4 * (cfg.eval_seq_len or cfg.train_seq_len) + 1,), dtype=torch.int32)
-        run_mode(copy.copy(cfg), model, fn, rand, luts, rt)
+        run_mode(copy.copy(cfg), model, fn, rand, torch.ones_like(rand, device=rt.device), rt)
         model.load_state_dict(start)
         times["warmup"] = time.perf_counter() - t
         log(f"eval_warmup: random tokens, no val data, {times['warmup']:.1f}s")
     if cfg.eval_mode != "sliding" and cfg.eval_sliding_first:
         t = time.perf_counter()
-        loss, bpb = run_mode(dataclasses.replace(cfg, eval_mode="sliding"), model, fn, tokens, luts, rt).result()
+        loss, bpb = run_mode(dataclasses.replace(cfg, eval_mode="sliding"), model, fn, tokens, tbytes, rt).result()
         log(f"final_sliding_window val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
         log(f"final_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         times["sliding"] = time.perf_counter() - t
     t = time.perf_counter()
-    loss, bpb = run_mode(cfg, model, fn, tokens, luts, rt, log, times=times).result()
+    loss, bpb = run_mode(cfg, model, fn, tokens, tbytes, rt, log, times=times).result()
     name = {"sliding": "final_sliding_window"}.get(cfg.eval_mode, cfg.eval_mode)
     log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")

@@ -5,12 +5,16 @@
   python data/prepare.py text a.txt b.jsonl --vocab-size 1024 --val-docs 1000 --out data/datasets/mine_sp1024
   python data/prepare.py hf NAME [--config-name C] --tokenizer M.model --val-docs 1000 --out DIR
   python data/prepare.py sample                       offline corpus from Python's own docs, in seconds
+  ... text / hf / sample --caseops                    CaseOps data (PR #1855): case transform, reserved-operator
+                                                      tokenizer, val byte sidecar (data/caseops.py)
   python data/prepare.py index DIR --tokenizer M      manifest.json for shards made by other tools
   python data/prepare.py verify DIR                   re-hash the shards against manifest.json
 
 Shard format: 256 little-endian int32 header (magic, version, token count, zeros), then uint16 tokens.
 Each document is [BOS] + sp.encode(text) with no separator; val = the first N documents, train = the
 rest, and the two splits never share a shard. Every dataset dir gets a manifest.json (build_manifest).
+CaseOps data adds fineweb_val_bytes_NNNNNN.bin, one uint16 per val token in the same shard layout: the
+UTF-8 bytes of the ORIGINAL text that token stands for (BOS 0), which val_bpb divides by instead of LUT bytes.
 """
 from __future__ import annotations
 
@@ -35,11 +39,16 @@ from train_gpt import (  # noqa: E402  (the shard reader and byte LUTs live in t
     SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, build_byte_luts, check_token_range,
     load_shard, read_shard_header, target_bytes,
 )
+from data_loader import CASEOPS_OPERATORS, split_files  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent))
+import caseops  # noqa: E402
 
 SHARD_TOKENS = 10**8
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16
 MANIFEST_FORMAT = "pgolf-dataset/1"
 DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+CASEOPS_HELP = "CaseOps (PR #1855): lowercase + case operators, a tokenizer that reserves them, the val byte sidecar"
 SP_TRAINER_ARGS = dict(  # the official tokenizer settings
     model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
@@ -76,7 +85,7 @@ def shard_name(split: str, index: int) -> str:
 
 
 def shards_on_disk(dataset_dir, split: str) -> list[Path]:
-    return sorted(Path(dataset_dir).glob(f"fineweb_{split}_*.bin"))
+    return split_files(dataset_dir, split)
 
 
 def _as_u16(tokens) -> np.ndarray:
@@ -151,8 +160,20 @@ def check_sp(sp, where):
     return sp
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
-    """Train a SentencePiece BPE model with the official settings; returns the serialized .model."""
+def check_caseops_tokenizer(sp, where, caseops_on: bool):
+    """A CaseOps dataset needs the operators as single reserved tokens (ids 4..7); other data must not use such a tokenizer."""
+    reserved = [sp.piece_to_id(c) for c in CASEOPS_OPERATORS] == [4, 5, 6, 7]
+    if caseops_on and not reserved:
+        raise ValueError(f"{where}: --caseops needs a tokenizer trained with --caseops (CaseOps operators reserved at ids 4..7); "
+                         "train one with --vocab-size V --caseops")
+    if reserved and not caseops_on:
+        raise ValueError(f"{where} is a CaseOps tokenizer (operators at ids 4..7): pass --caseops, or use a plain tokenizer")
+    return sp
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, caseops_on: bool = False) -> bytes:
+    """Train a SentencePiece BPE model with the official settings; returns the serialized .model. With caseops_on
+    the four CaseOps operators are user-defined symbols: always one token each, at ids 4..7, before the byte pieces."""
     import sentencepiece as spm
 
     if not 1 <= vocab_size <= MAX_VOCAB:
@@ -173,7 +194,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
 
     try:  # num_threads stays at its default (16) so the saved model bytes do not depend on the machine
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **SP_TRAINER_ARGS
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **SP_TRAINER_ARGS,
+            **({"user_defined_symbols": list(CASEOPS_OPERATORS)} if caseops_on else {}),
         )
     except RuntimeError as e:
         if failed:
@@ -216,6 +238,18 @@ def _scan_split(files: list[Path], bos_id: int, vocab_size: int) -> dict:
     return {"docs": docs, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
 
 
+def _sidecar(dataset_dir, val_shards: list[dict]) -> tuple[list[dict], np.ndarray] | None:
+    """The CaseOps byte sidecar (None without one): its shard entries and values, checked to run 1:1 with the val shards."""
+    files = shards_on_disk(dataset_dir, "val_bytes")
+    if not files:
+        return None
+    shards = [{"file": f.name, "tokens": read_shard_header(f), "sha256": sha256_file(f)} for f in files]
+    if [s["tokens"] for s in shards] != [s["tokens"] for s in val_shards]:
+        raise DataError(f"{dataset_dir}: byte sidecar shards {[s['tokens'] for s in shards]} do not line up with the val shards "
+                        f"{[s['tokens'] for s in val_shards]}: re-create the dataset with --caseops")
+    return shards, np.concatenate([load_shard(f) for f in files])
+
+
 def _val_stream(dataset_dir) -> np.ndarray:
     files = shards_on_disk(dataset_dir, "val")
     if not files:
@@ -229,8 +263,9 @@ def build_manifest(dataset_dir, tokenizer_path, source: str) -> dict:
     sp = load_sp(tokenizer_path)
     vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
     val, train = (_scan_split(shards_on_disk(d, s), bos, vocab) for s in ("val", "train"))
-    stream = _val_stream(d)
-    n_bytes = val_bytes(stream, build_byte_luts(sp, vocab))
+    stream, side = _val_stream(d), _sidecar(d, val["shards"])
+    check_caseops_tokenizer(sp, tokenizer_path, side is not None)
+    n_bytes = val_bytes(stream, build_byte_luts(sp, vocab)) if side is None else int(side[1][1:].sum(dtype=np.int64))
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": source,
@@ -241,7 +276,11 @@ def build_manifest(dataset_dir, tokenizer_path, source: str) -> dict:
         "val_tokens": int(stream.size),
         "val_bytes": n_bytes,
         "val_sha256": hashlib.sha256(stream.tobytes()).hexdigest(),
+        "caseops": side is not None,  # val_bytes = sidecar over targets 1..N-1: original (pre-transform) UTF-8 bytes
     }
+    if side is not None:
+        sha = hashlib.sha256(side[1].tobytes()).hexdigest()
+        manifest["val_byte_sidecar"] = {"transform": caseops.NAME, "shards": side[0], "sha256": sha}
     _atomic_write(d / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
@@ -276,6 +315,12 @@ def verify(dataset_dir) -> str:
     stream = _val_stream(d)
     if hashlib.sha256(stream.tobytes()).hexdigest() != m.get("val_sha256") or stream.size != m.get("val_tokens"):
         raise DataError(f"{d}: val stream does not match the manifest's val_sha256 / val_tokens")
+    side, want_side = _sidecar(d, m["splits"]["val"]["shards"]), m.get("val_byte_sidecar")
+    if (side is None) != (want_side is None):
+        raise DataError(f"{d}: " + ("fineweb_val_bytes_*.bin on disk but no byte sidecar in the manifest" if want_side is None
+                                    else "the manifest lists a CaseOps byte sidecar but no fineweb_val_bytes_*.bin is here"))
+    if side is not None and (side[0] != want_side.get("shards") or int(side[1][1:].sum(dtype=np.int64)) != m.get("val_bytes")):
+        raise DataError(f"{d}: byte sidecar shards or their byte total differ from the manifest: modified or corrupt; re-create it")
     tok, note = Path(m["tokenizer"]["path"]), "not found here, not checked"
     if tok.is_file():
         if sha256_file(tok) != m["tokenizer"]["sha256"]:
@@ -283,7 +328,8 @@ def verify(dataset_dir) -> str:
         note = "ok"
     v, t = m["splits"]["val"], m["splits"]["train"]
     return (f"ok: {d}: val {len(v['shards'])} shard(s) {v['tokens']} tokens {v['docs']} docs, "
-            f"train {len(t['shards'])} shard(s) {t['tokens']} tokens; tokenizer {tok}: {note}")
+            f"train {len(t['shards'])} shard(s) {t['tokens']} tokens; tokenizer {tok}: {note}"
+            + (f"; CaseOps byte sidecar {len(side[0])} shard(s) {m['val_bytes']} bytes" if side else ""))
 
 
 def doc_hashes(tokens: np.ndarray, bos_id: int, k: int = 16) -> np.ndarray:
@@ -332,6 +378,10 @@ def check_dataset(data_path, tokenizer_path, vocab_size: int, bos_id: int, val_t
             )
         if m.get("val_sha256") and m["val_sha256"] != val_sha:
             raise DataError(f"{root}: val tokens do not match the manifest's val_sha256: corrupt or replaced val shards")
+        side = [load_shard(f) for f in shards_on_disk(root, "val_bytes")]  # CaseOps: val_bpb's denominator, checked like the tokens
+        side_sha = hashlib.sha256(np.concatenate(side).tobytes()).hexdigest() if side else None
+        if side_sha != m.get("val_byte_sidecar", {}).get("sha256"):
+            raise DataError(f"{root}: the CaseOps byte sidecar (fineweb_val_bytes_*.bin) does not match {mpath}: re-create the dataset")
         names = {s: {d["file"] for d in splits.get(s, {}).get("shards", [])} for s in ("val", "train")}
         hashes = {s: {d.get("sha256") for d in splits.get(s, {}).get("shards", [])} - {None} for s in ("val", "train")}
         if names["val"] & names["train"] or hashes["val"] & hashes["train"]:
@@ -412,18 +462,72 @@ def sample_documents(max_chars: int = 2000) -> list[str]:
 # pipeline: documents -> (tokenizer) -> shards -> manifest
 
 
-def export_shards(docs: Iterable[str], sp, out_dir, val_docs: int, shard_tokens: int = SHARD_TOKENS) -> int:
-    """Write [BOS]+ids per document: the first val_docs to val shards, the rest to train. Returns the doc count."""
-    writer, bos, n = ShardWriter(out_dir, shard_tokens), int(sp.bos_id()), 0
+def _proto_fields(b: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: varints and length-delimited fields, fixed ones skipped.
+    Enough for sentencepiece's SentencePieceText without the protobuf package."""
+    i = 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        kind = key & 7
+        if kind == 0:
+            v, i = _varint(b, i)
+        elif kind == 2:
+            n, i = _varint(b, i)
+            v, i = b[i : i + n], i + n
+        else:  # 1 = 64-bit, 5 = 32-bit (scores)
+            v, i = None, i + (8 if kind == 1 else 4)
+        yield key >> 3, v
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while b[i] & 0x80:
+        v, shift, i = v | (b[i] & 0x7F) << shift, shift + 7, i + 1
+    return v | b[i] << shift, i + 1
+
+
+def caseops_tokens(sp, encoded: str) -> tuple[list[int], np.ndarray]:
+    """ids of one CaseOps-encoded document and the sidecar entries of [BOS] + ids: each token gets the original
+    UTF-8 bytes (caseops.original_bytes) from the end of the previous token's span to the end of its own, so the
+    whitespace the normalizer absorbs or drops (a document's leading and trailing whitespace) is counted once,
+    on the token next to it, and the entries sum to the original document's UTF-8 length. A document with no
+    tokens (empty, or whitespace only) puts its bytes on its BOS."""
+    ids, ends = [], []
+    for field, piece in _proto_fields(sp.encode(encoded, out_type="serialized_proto")):
+        if field == 2:  # SentencePieceText.pieces: id = 2, end = 5 (a byte offset into `encoded`)
+            f = dict(_proto_fields(piece))
+            ids.append(f.get(2, 0))
+            ends.append(f.get(5, 0))
+    cum = np.concatenate([[0], np.cumsum(caseops.original_bytes(encoded))])
+    if not ids:
+        return ids, cum[-1:]
+    ends = np.maximum.accumulate(ends)
+    ends[-1] = cum.size - 1
+    return ids, np.diff(cum[np.concatenate([[0, 0], ends])])
+
+
+def export_shards(docs: Iterable[str], sp, out_dir, val_docs: int, shard_tokens: int = SHARD_TOKENS, caseops_on: bool = False) -> int:
+    """Write [BOS]+ids per document: the first val_docs to val shards, the rest to train. Returns the doc count.
+    caseops_on: documents are CaseOps-encoded first, and the val byte sidecar is written in the val shards' layout."""
+    writer, side, bos, n = ShardWriter(out_dir, shard_tokens), ShardWriter(out_dir, shard_tokens), int(sp.bos_id()), 0
     writer.start_split("val")
+    side.start_split("val_bytes")
     docs = iter(tqdm(docs, desc="export", unit="doc", disable=None))
     while batch := list(itertools.islice(docs, 512)):
-        for ids in sp.encode(batch, out_type=int):
+        if caseops_on:
+            batch = [caseops.encode(t) for t in batch]
+        for j, ids in enumerate(sp.encode(batch, out_type=int)):
             if n == val_docs:
                 writer.start_split("train")  # flushes: the splits never share a shard
+            if caseops_on and n < val_docs:
+                ids, nbytes = caseops_tokens(sp, batch[j])
+                if nbytes.max() > MAX_VOCAB - 1:
+                    raise ValueError(f"val document {n}: one token stands for {int(nbytes.max())} bytes, more than a uint16 sidecar holds")
+                side.add(nbytes)
             writer.add(np.array([bos, *ids], dtype=np.int64))
             n += 1
     writer.flush()
+    side.flush()
     if n == 0:
         raise ValueError("no documents in the input")
     if n <= val_docs:
@@ -433,9 +537,10 @@ def export_shards(docs: Iterable[str], sp, out_dir, val_docs: int, shard_tokens:
 
 def build_dataset(docs: Callable[[], Iterable[str]], out, val_docs: int, source: str, tokenizer=None, vocab_size=None,
                   tokenizer_dir="data/tokenizers", name="custom", shard_tokens=SHARD_TOKENS, force=False,
-                  tokenizer_train_docs=None) -> dict:
+                  tokenizer_train_docs=None, caseops_on=False) -> dict:
     """Shards + manifest from a re-iterable document source (docs() is called once per pass).
-    Reuses `tokenizer` or trains one at `vocab_size`. On any error nothing new is left behind."""
+    Reuses `tokenizer` or trains one at `vocab_size`. On any error nothing new is left behind.
+    caseops_on: CaseOps data (tokenizer trained on encoded text with the operators reserved, val byte sidecar)."""
     import sentencepiece as spm
 
     out = Path(out)
@@ -443,23 +548,23 @@ def build_dataset(docs: Callable[[], Iterable[str]], out, val_docs: int, source:
         raise ValueError(f"val docs must be >= 1 (got {val_docs})")
     if (tokenizer is None) == (vocab_size is None):
         raise ValueError("give exactly one of --tokenizer MODEL (reuse) or --vocab-size V (train)")
-    old = shards_on_disk(out, "val") + shards_on_disk(out, "train")
+    old = shards_on_disk(out, "val") + shards_on_disk(out, "train") + shards_on_disk(out, "val_bytes")
     if old and not force:
         raise ValueError(f"{out} already holds {len(old)} shard(s); pass --force to replace them")
     model = None
     if tokenizer is not None:
-        model_path, sp = Path(tokenizer), load_sp(tokenizer)
+        model_path, sp = Path(tokenizer), check_caseops_tokenizer(load_sp(tokenizer), tokenizer, caseops_on)
     else:
-        model_path = Path(tokenizer_dir) / f"{name}_{vocab_size}_bpe.model"
+        model_path = Path(tokenizer_dir) / f"{name}_{vocab_size}_bpe{'_caseops' if caseops_on else ''}.model"
         if model_path.exists() and not force:
             raise ValueError(f"{model_path} exists; reuse it with --tokenizer {model_path}, pick another --name, or pass --force")
-        texts = tqdm(docs(), desc="tokenizer", unit="doc", disable=None)
-        model = train_tokenizer(itertools.islice(texts, tokenizer_train_docs), vocab_size)
+        texts = tqdm(map(caseops.encode, docs()) if caseops_on else docs(), desc="tokenizer", unit="doc", disable=None)
+        model = train_tokenizer(itertools.islice(texts, tokenizer_train_docs), vocab_size, caseops_on)
         sp = check_sp(spm.SentencePieceProcessor(model_proto=model), model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        export_shards(docs(), sp, stage, val_docs, shard_tokens)
+        export_shards(docs(), sp, stage, val_docs, shard_tokens, caseops_on)
         if model is not None:
             save_tokenizer(model, model_path)
         out.mkdir(exist_ok=True)
@@ -472,13 +577,18 @@ def build_dataset(docs: Callable[[], Iterable[str]], out, val_docs: int, source:
     return build_manifest(out, model_path, source)
 
 
-def build_sample(out_root="data", vocab_size: int = 512, val_docs=None, force=False, shard_tokens=SHARD_TOKENS) -> dict:
-    """The offline sample: <out_root>/datasets/sample_sp<V>/ and <out_root>/tokenizers/sample_<V>_bpe.model."""
+def sample_dir(out_root, vocab_size: int, caseops_on: bool = False) -> Path:
+    return Path(out_root) / "datasets" / f"sample{'_caseops' if caseops_on else ''}_sp{vocab_size}"
+
+
+def build_sample(out_root="data", vocab_size: int = 512, val_docs=None, force=False, shard_tokens=SHARD_TOKENS, caseops_on=False) -> dict:
+    """The offline sample: <out_root>/datasets/sample_sp<V>/ and <out_root>/tokenizers/sample_<V>_bpe.model
+    (caseops_on: sample_caseops_sp<V>/ and sample_<V>_bpe_caseops.model)."""
     docs = sample_documents()
-    out_root = Path(out_root)
     return build_dataset(
-        lambda: iter(docs), out_root / "datasets" / f"sample_sp{vocab_size}", val_docs or max(1, len(docs) // 10), "sample",
-        vocab_size=vocab_size, tokenizer_dir=out_root / "tokenizers", name="sample", shard_tokens=shard_tokens, force=force,
+        lambda: iter(docs), sample_dir(out_root, vocab_size, caseops_on), val_docs or max(1, len(docs) // 10), "sample",
+        vocab_size=vocab_size, tokenizer_dir=Path(out_root) / "tokenizers", name="sample", shard_tokens=shard_tokens, force=force,
+        caseops_on=caseops_on,
     )
 
 
@@ -594,10 +704,10 @@ def run(a) -> str:
         m = download(a.variant, a.train_shards, a.repo_id, a.remote_root, a.out_root)
         where = Path(a.out_root) / "datasets" / f"fineweb10B_{a.variant}"
     elif a.cmd == "sample":
-        where = Path(a.out_root) / "datasets" / f"sample_sp{a.vocab_size}"
+        where = sample_dir(a.out_root, a.vocab_size, a.caseops)
         if (where / "manifest.json").is_file() and not a.force:
             return f"sample: already prepared, {verify(where)}"  # deterministic, so re-running is a no-op
-        m = build_sample(a.out_root, a.vocab_size, a.val_docs, a.force, a.shard_tokens)
+        m = build_sample(a.out_root, a.vocab_size, a.val_docs, a.force, a.shard_tokens, a.caseops)
     else:  # text / hf
         if a.cmd == "text":
             missing = [f for f in a.files if not Path(f).is_file()]
@@ -609,11 +719,12 @@ def run(a) -> str:
             source = f"hf:{a.name}"
         m = build_dataset(docs, a.out, a.val_docs, source, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                           tokenizer_dir=a.tokenizer_dir, name=a.name_prefix, shard_tokens=a.shard_tokens, force=a.force,
-                          tokenizer_train_docs=a.tokenizer_train_docs)
+                          tokenizer_train_docs=a.tokenizer_train_docs, caseops_on=a.caseops)
         where = a.out
     v, t = m["splits"]["val"], m["splits"]["train"]
     return (f"{m['source']}: {where}: val {v['docs']} docs {v['tokens']} tokens, train {t['docs']} docs {t['tokens']} tokens, "
-            f"val_bytes {m['val_bytes']}, vocab {m['vocab_size']}, tokenizer {m['tokenizer']['path']}")
+            f"val_bytes {m['val_bytes']}{' (CaseOps sidecar: original text)' if m['caseops'] else ''}, vocab {m['vocab_size']}, "
+            f"tokenizer {m['tokenizer']['path']}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -631,7 +742,7 @@ def parser() -> argparse.ArgumentParser:
         tok = q.add_mutually_exclusive_group(required=True)
         tok.add_argument("--tokenizer", help="reuse this SentencePiece .model")
         tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this size (official settings)")
-        q.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split")
+        q.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split (the challenge's val set: 50000)")
         q.add_argument("--out", required=True, help="dataset dir for the shards and manifest.json")
         q.add_argument("--tokenizer-dir", default="data/tokenizers")
         q.add_argument("--name", dest="name_prefix", default="custom", help="trained tokenizer: <tokenizer-dir>/<name>_<V>_bpe.model")
@@ -639,6 +750,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--text-field", default="text")
         q.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
         q.add_argument("--force", action="store_true", help="replace existing shards / tokenizer")
+        q.add_argument("--caseops", action="store_true", help=CASEOPS_HELP)
 
     t = sub.add_parser("text", help="shards from .txt (blank-line separated) and .jsonl files")
     t.add_argument("files", nargs="+")
@@ -658,6 +770,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out-root", default="data")
     s.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
     s.add_argument("--force", action="store_true")
+    s.add_argument("--caseops", action="store_true", help=CASEOPS_HELP)
 
     i = sub.add_parser("index", help="write manifest.json for existing shards")
     i.add_argument("dir")

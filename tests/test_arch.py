@@ -201,8 +201,8 @@ def test_seed_config_trains_end_to_end_at_tiny_width(seed, sample_data, tmp_path
         model = tg.GPT(c)
         model.load_state_dict(tg.rebank(state))
         val = tg.usable_val(tg.load_val_stream(tg.shard_files(c.data_path, "val"), c.vocab_size), c.train_seq_len)
-        luts = tuple(torch.from_numpy(a) for a in tg.build_byte_luts(tg.load_tokenizer(c), c.vocab_size))
+        tgt_bytes = torch.from_numpy(tg.val_target_bytes(c, tg.load_tokenizer(c), val))
         rt = tg.Runtime(0, 1, 0, torch.device("cpu"), c.virtual_world_size)
-        bpb = tg.eval_val(c, model, rt, torch.from_numpy(val.astype("int32")), luts)[1]
+        bpb = tg.eval_val(c, model, rt, torch.from_numpy(val.astype("int32")), tgt_bytes)[1]
         assert "roundtrip_exact val_loss:" in log and f"val_bpb:{bpb:.8f}" in log.split("roundtrip_exact")[-1]
     assert f"weights_average:{cfg.weight_average}" in log

@@ -91,8 +91,8 @@ def test_eval_val_matches_independent_computation(sp):
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
-    luts = tuple(torch.from_numpy(a) for a in tg.build_byte_luts(sp, cfg.vocab_size))
-    loss, bpb = tg.eval_val(cfg, model, rt, torch.tensor(stream), luts)
+    tgt_bytes = torch.from_numpy(tg.val_target_bytes(cfg, sp, np.array(stream)))
+    loss, bpb = tg.eval_val(cfg, model, rt, torch.tensor(stream), tgt_bytes)
 
     nll_sum, n = 0.0, 0
     with torch.no_grad():

@@ -177,7 +177,7 @@ def test_shared_core_grads_are_means_for_every_core_parameter():
 # -- 9. the seeds' eval stream ---------------------------------------------------------------------
 
 
-def test_eval_trim_scores_the_seeds_targets(tmp_path):
+def test_eval_trim_scores_the_seeds_targets(tmp_path, monkeypatch):
     import prepare
 
     data = tmp_path / "ds"
@@ -186,16 +186,18 @@ def test_eval_trim_scores_the_seeds_targets(tmp_path):
     prepare.write_shard(data / "fineweb_val_000000.bin", rng.integers(0, 96, 700))
     prepare.write_shard(data / "fineweb_val_000001.bin", rng.integers(0, 96, 300))
     cfg = cfg_of(**TINY, num_layers=2, data_path=data, eval_stride=8, autocast_dtype="fp32")
-    full = te.val_stream(cfg)
+    monkeypatch.setattr(tg, "val_target_bytes", lambda cfg, sp, t: np.arange(t.size, dtype=np.int32))  # bytes follow their targets
+    full, full_bytes = te.val_stream(cfg, None)
     assert full.numel() == 1000 and full.dtype == torch.int32
     cfg.eval_trim = True
-    trimmed = te.val_stream(cfg)
+    trimmed, tbytes = te.val_stream(cfg, None)
     T = cfg.train_seq_len
     assert trimmed.numel() == ((1000 - 1) // T) * T + 1 == 985 and torch.equal(trimmed, full[:985])
+    assert torch.equal(tbytes, full_bytes[:985])
     # the sliding eval then scores targets 1..984 exactly once, none of the tail
     model = awake_model(cfg).eval()
-    luts = tuple(torch.from_numpy(a) for a in (np.ones(96, np.int16), np.zeros(96, bool), np.zeros(96, bool)))
-    acc = te.run_mode(cfg, model, model, trimmed, luts, tg.Runtime(0, 1, 0, torch.device("cpu"), 1), track=True)
+    ones = torch.ones(trimmed.numel(), dtype=torch.int32)
+    acc = te.run_mode(cfg, model, model, trimmed, ones, tg.Runtime(0, 1, 0, torch.device("cpu"), 1), track=True)
     assert acc.count.numel() == 985 and bool((acc.count[1:] == 1).all()) and acc.sums[1].item() == 984
 
 

@@ -42,11 +42,13 @@ def val_tokens(sample_data, n=None):
     return torch.from_numpy(t[:n].astype(np.int32))
 
 
-def luts(sample_data):
+def tbytes(sample_data):
+    """Bytes of every val target (the LUT rule: the sample data has no CaseOps sidecar)."""
     import sentencepiece as spm
 
+    cfg = tg.config_class()(data_path=sample_data["data_path"], tokenizer_path=sample_data["tokenizer_path"], vocab_size=512)
     sp = spm.SentencePieceProcessor(model_file=sample_data["tokenizer_path"])
-    return tuple(torch.from_numpy(a) for a in tg.build_byte_luts(sp, 512))
+    return torch.from_numpy(tg.val_target_bytes(cfg, sp, val_tokens(sample_data).numpy()))
 
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
@@ -55,7 +57,7 @@ CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
 def test_stride_equal_to_window_is_the_non_overlapping_eval(sample_data):
     cfg, model = tiny(sample_data, eval_mode="sliding", eval_stride=64)
     tokens = val_tokens(sample_data, 64 * 20 + 1)
-    L = luts(sample_data)
+    L = tbytes(sample_data)
     got = te.run_mode(cfg, model, model, tokens, L, CPU).result()
     want = tg.eval_val(cfg, model, tg.Runtime(0, 1, 0, torch.device("cpu"), 1), tokens, L)
     assert got == pytest.approx(want, rel=1e-12)
@@ -65,7 +67,7 @@ def test_stride_equal_to_window_is_the_non_overlapping_eval(sample_data):
 def test_legality_check(sample_data, mode, legal):
     cfg, model = tiny(sample_data, eval_mode=mode, ttt_passes=3, ttt_epochs=2, ttt_lr=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fails = te.check_legality(cfg, model, val_tokens(sample_data, 1537), luts(sample_data), CPU)
+    fails = te.check_legality(cfg, model, val_tokens(sample_data, 1537), tbytes(sample_data), CPU)
     assert (fails == []) == legal, fails
     if not legal:
         assert any(f.startswith("C1/C3 failed") for f in fails)
@@ -76,7 +78,7 @@ def test_legality_check(sample_data, mode, legal):
 
 def test_legal_ttt_changes_the_model_and_helps(sample_data):
     cfg, model = tiny(sample_data, eval_mode="legal_ttt", ttt_epochs=2, ttt_lr=0.05)
-    tokens, L = val_tokens(sample_data, 4097), luts(sample_data)
+    tokens, L = val_tokens(sample_data, 4097), tbytes(sample_data)
     base = te.run_mode(tg.config_class()(**{**vars(cfg), "eval_mode": "sliding"}), model, model, tokens, L, CPU).result()
     start = model.qo_bank.detach().clone()
     adapted = te.run_mode(cfg, model, model, tokens, L, CPU).result()
@@ -86,7 +88,7 @@ def test_legal_ttt_changes_the_model_and_helps(sample_data):
 def test_freezing_blocks_keeps_their_banked_weights(sample_data):
     cfg, model = tiny(sample_data, num_layers=4, eval_mode="legal_ttt", ttt_freeze_blocks=2, ttt_optimizer="adamw", ttt_wd=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    te.run_mode(cfg, model, model, val_tokens(sample_data, 2049), luts(sample_data), CPU)
+    te.run_mode(cfg, model, model, val_tokens(sample_data, 2049), tbytes(sample_data), CPU)
     U = model.n_cores
     for name, rows in (("qo_bank", (0, 1, U, U + 1)), ("kv_bank", (0, 1, U, U + 1)), ("mlp_up_bank", (0, 1)), ("mlp_down_bank", (0, 1))):
         w = model.state_dict()[name]
