@@ -51,6 +51,7 @@ class Config:
     out_dir: str = ""  # "" -> runs/<run_id>; checkpoints and the artifact land here
     seed: int = 1337
     data_check_train_shards: int = 1  # train shards scanned for val documents at start (0 = skip)
+    train_loader: str = "sequential"  # sequential (official: the shards in order, contiguous slices) | shuffled (PR #1812)
     # schedule and batch
     iterations: int = 20000
     warmdown_iters: int = 1200
@@ -120,10 +121,11 @@ class Config:
     muon_row_norm: bool = False  # MuonEq-R
     muon_wd: float = 0.0
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
-    muon_momentum_dtype: str = "fp32"  # fp32 | bf16
+    muon_momentum_dtype: str = "fp32"  # fp32 | bf16 (banked records: gradient, momentum buffer and Nesterov sum in bf16)
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
+    muon_momentum_warmdown: float = 0.0  # > 0: in the LR warmdown mu = b*mu + (1-b)*this, b = max(lr_mul, 0.25) (PR #1812: 0.92)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -131,6 +133,7 @@ class Config:
     adam_wd: float = 0.0
     adam_matrix_patterns: str = ""  # 2-D params whose names contain these go to scalar AdamW, not Muon
     grad_clip_norm: float = 0.0
+    grad_clip_rule: str = "global"  # global (norm of the reduced gradient) | local (each rank clips its own, then reduce: PR #473)
     lr_schedule: str = "iter_warmdown"  # iter_warmdown | frac_warmdown | cosine
     warmdown_frac: float = 0.0
     min_lr: float = 0.0
@@ -147,6 +150,7 @@ class Config:
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     autocast_dtype: str = "bf16"  # bf16 | fp32
+    storage_dtypes: str = "fp32"  # fp32 masters | official (records' cast: embedding tables + Adam state bf16, RoPE from bf16)
     compile: bool = True  # torch.compile(fullgraph) on CUDA; CPU always runs eager
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
@@ -242,7 +246,8 @@ def validate_config(c: Config) -> None:
     for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
-                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
+                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32"),
+                         ("grad_clip_rule", "global local"), ("storage_dtypes", "fp32 official"), ("train_loader", "sequential shuffled")):
         need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
 
 def parse_cli(argv: list[str], paths: tuple = ("config", "resume")) -> tuple[dict, dict]:
@@ -733,10 +738,11 @@ class Optimizer:
             raise RuntimeError(f"optimizer groups must cover every trainable parameter exactly once; missing: {names}")
 
     def _muon(self, g: Tensor, buf: Tensor, momentum: float) -> Tensor:
-        buf.mul_(momentum).add_(g.to(buf.dtype))
-        u = g.add(buf.to(g.dtype), alpha=momentum)  # Nesterov
-        if self.cfg.muon_row_norm:  # MuonEq-R
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        g = g.to(buf.dtype)  # a bf16 buffer (banked records) takes a bf16 gradient and sums Nesterov in bf16
+        buf.mul_(momentum).add_(g)
+        u = g.add(buf, alpha=momentum)  # Nesterov
+        if self.cfg.muon_row_norm:  # MuonEq-R, norms in fp32
+            u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
         u = self.ns(u, self.cfg.muon_backend_steps, self.cfg.muon_ns)
         return u * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
 
@@ -758,6 +764,8 @@ class Optimizer:
         if cfg.core_grad_scale:  # PR #526: a core shared by k layers gets the mean, not the sum, of their grads
             for _, p in self.banks:
                 p.grad.div_(self.model.core_uses.repeat(p.size(0) // self.model.n_cores)[:, None, None])
+        if cfg.grad_clip_norm > 0 and cfg.grad_clip_rule == "local":  # the mean of per-rank-clipped gradients
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], cfg.grad_clip_norm)
         jobs = []
         for name, p in sorted(self.banks, key=lambda t: -t[1].numel()):  # largest first
             n_pad = -(-p.size(0) // W) * W
@@ -772,7 +780,7 @@ class Optimizer:
             flat = torch.cat([p.grad.reshape(-1) for p in reps])
             all_reduce_(flat).div_(W)
             torch._foreach_copy_([p.grad for p in reps], [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in reps]), reps)])
-        if cfg.grad_clip_norm > 0:  # global norm after reduction (the banked records clipped per rank)
+        if cfg.grad_clip_norm > 0 and cfg.grad_clip_rule == "global":  # the norm of the reduced gradient
             jobs = [self._landed(*j) for j in jobs]
             sq = torch.zeros((), device=self.rt.device)
             for *_, shard, _ in jobs:
@@ -860,10 +868,14 @@ def lr_multiplier(cfg: Config, step: int, elapsed_ms: float) -> float:
         return 1.0
     return max((1 - f) / cfg.warmdown_frac, cfg.min_lr)
 
-def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0) -> float:
+def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0, lr_mul: float = 1.0) -> float:
     frac = (min(progress(cfg, step, elapsed_ms) / cfg.muon_momentum_warmup_frac, 1.0) if cfg.muon_momentum_warmup_frac > 0 else
             min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0)
-    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+    mu = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+    if cfg.muon_momentum_warmdown > 0:  # PR #1812: b = 1 until the warmdown, so only the decay phase moves
+        b = max(lr_mul, 0.25)
+        mu = b * mu + (1 - b) * cfg.muon_momentum_warmdown
+    return mu
 
 class WeightAverage:
     """EMA: fp32 shadow of every parameter, ema = d*ema + (1-d)*w after each step. SWA: uniform mean
@@ -1199,7 +1211,7 @@ def train_loop(r: Run, val_tokens: Tensor, luts, peak: float | None) -> float:
             log(f"late_qat:on step:{r.step} lr_mul:{lr_mul:.4f} grid:per-row int{cfg.quant_bits_attn}/int{cfg.quant_bits_mlp} "
                 f"clip:{'sdclip' if cfg.quant_clip == 'sdclip' else 'max'}")
         t_step = time.perf_counter()
-        loss_acc += train_step(r, lr_mul, muon_momentum(cfg, r.step, elapsed))
+        loss_acc += train_step(r, lr_mul, muon_momentum(cfg, r.step, elapsed, lr_mul))
         r.step += 1
         r.avg.update(r.step, lr_mul)
         n_acc += 1

@@ -1,0 +1,132 @@
+"""Issue 12 training fidelity: per-rank gradient clipping, bf16 Muon, PR #1812's momentum blend and
+loader, the records' CUDA storage dtypes, seed-config calibration keys. Tiny, CPU, fast."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from _util import ROOT
+from test_optim import small_cfg, synthetic_grads
+
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+CPU1 = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+
+
+def seed_cfg(name: str, **over):
+    """A seed config shrunk to a CPU shape; every training key keeps the config's value."""
+    small = {"model_dim": "64", "num_heads": "4", "num_kv_heads": "2", "vocab_size": "96", "rope_dims": "8", "num_layers": "3",
+             "train_seq_len": "16", "loop_start": "1", "loop_end": "1", "parallel_start": "2", "ve_layers": "", "num_skips": "-1"}
+    small.update({k: str(v) for k, v in over.items()})
+    return tg.load_config(str(ROOT / "configs" / f"{name}.toml"), small, {})[0]
+
+
+# ----------------------------------------------------------------------------- item 10: clipping rule
+
+def clipped_mean(model, step, parts, clip):
+    """What the records compute: every rank clips its own gradient (torch's clip_grad_norm_), then the mean."""
+    out = []
+    for part in parts:
+        gs = synthetic_grads(model, step, part)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+        coef = min(clip / (norm.item() + 1e-6), 1.0)
+        out.append([g * coef for g in gs])
+    return [sum(g[i] for g in out) / len(out) for i in range(len(out[0]))]
+
+
+def _clip_worker(rank, world, init, out, over):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = small_cfg(**over)
+    model = tg.GPT(cfg)
+    opt = tg.Optimizer(model, cfg, tg.Runtime(rank, world, 0, torch.device("cpu"), 1))
+    for step in range(3):
+        for p, g in zip(model.parameters(), synthetic_grads(model, step, rank)):
+            p.grad = g.clone()
+        opt.step(lr_mul=1.0, momentum=0.9)
+        opt.zero_grad()
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo on torch 2.13 can abort while the interpreter tears down its threads
+
+
+def test_local_clip_rule_is_what_each_rank_does_two_ranks(tmp_path):
+    """2 gloo ranks, each with its own gradient (norm ~100, clip 0.5). grad_clip_rule=local: each rank
+    clips its local gradient and the reduction averages the clipped gradients; 1 process stepping on
+    that mean by hand (clipping off) lands on the same weights. The global rule (the norm of the mean)
+    is a different operator: its weights differ."""
+    over = {"grad_clip_norm": 0.5, "grad_clip_rule": "local", "bigram_buckets": 0, "ve_layers": ""}
+    out = tmp_path / "two.pt"
+    mp.spawn(_clip_worker, args=(2, f"file://{tmp_path / 'rdv'}", str(out), over), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    results = {}
+    for rule in ("local", "global"):
+        torch.manual_seed(0)
+        cfg = small_cfg(**{**over, "grad_clip_norm": 0.0 if rule == "local" else 0.5, "grad_clip_rule": "global"})
+        model = tg.GPT(cfg)
+        opt = tg.Optimizer(model, cfg, CPU1)
+        for step in range(3):
+            grads = clipped_mean(model, step, [0, 1], 0.5) if rule == "local" else \
+                [sum(gs) / 2 for gs in zip(*(synthetic_grads(model, step, r) for r in (0, 1)))]
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            opt.step(lr_mul=1.0, momentum=0.9)
+            opt.zero_grad()
+        results[rule] = model.state_dict()
+    for k, v in results["local"].items():  # banks: 1-ulp fp32 differences of the NS input may flip bf16 roundings
+        assert (two[k] - v).abs().max().item() <= (2e-3 if k in tg.BANKS else 1e-6), k
+    assert (two["tok_emb.weight"] - results["global"]["tok_emb.weight"]).abs().max().item() > 1e-3
+
+
+# ----------------------------------------------------------------------------- item 10: bf16 Muon (PR #473)
+
+def test_bf16_momentum_sums_nesterov_in_bf16():
+    """muon_momentum_dtype=bf16 (PR #473): the gradient is cast to bf16 before the momentum and the
+    Nesterov sum, so u = g_bf16 + mu * buf_bf16 rounds in bf16; an fp32 sum rounded once differs."""
+    cfg = small_cfg(muon_momentum_dtype="bf16", bigram_buckets=0, ve_layers="", muon_wd=0.0)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    opt = tg.Optimizer(model, cfg, CPU1)
+    gs = [torch.randn_like(model.qo_bank) for _ in range(2)]
+    buf, w = torch.zeros_like(model.qo_bank, dtype=torch.bfloat16), model.qo_bank.detach().clone()
+    for g in gs:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        model.qo_bank.grad = g.clone()
+        opt.step(lr_mul=1.0, momentum=0.95)
+        gb = g.bfloat16()
+        buf = buf * 0.95 + gb  # bf16 arithmetic, as the records
+        u = tg.orthogonalize(gb.add(buf, alpha=0.95), cfg.muon_backend_steps)  # g.add(buf, alpha=mu) as the records
+        wrong = tg.orthogonalize(g.add(buf.float(), alpha=0.95), cfg.muon_backend_steps)  # the fp32 Nesterov sum
+        w = w - cfg.matrix_lr * u.float()
+    assert not torch.equal(u, wrong)
+    assert torch.equal(opt.mom["qo_bank"], buf)
+    assert torch.allclose(model.qo_bank, w, atol=1e-7, rtol=0)
+
+
+def test_seed_configs_use_the_records_clip_and_momentum_dtype():
+    """PR #473 and PR #1550 are banked Parallel Muon (per-rank clipping, bf16 momentum); PR #1812
+    descends from the DDP 04-09 record (global clip of the averaged gradient, fp32 momentum)."""
+    got = {n: (seed_cfg(n).grad_clip_rule, seed_cfg(n).muon_momentum_dtype) for n in ("pr473", "pr1550", "pr1812")}
+    assert got == {"pr473": ("local", "bf16"), "pr1550": ("local", "bf16"), "pr1812": ("global", "fp32")}
+
+
+# ----------------------------------------------------------------------------- item 11: momentum blend
+
+def test_pr1812_blends_momentum_toward_092_in_the_warmdown():
+    """mu = b*mu + (1-b)*0.92, b = max(lr_mul, 0.25): unchanged at lr_mul 1, ends at 0.9375 (not 0.99)."""
+    cfg = seed_cfg("pr1812", max_wallclock_seconds=100, gptq_reserve_seconds=0)
+    assert cfg.muon_momentum_warmdown == 0.92
+    late = 90_000  # past the 22% warmup: mu = 0.99 before the blend
+    assert tg.muon_momentum(cfg, 10, late, 1.0) == pytest.approx(0.99)
+    assert tg.muon_momentum(cfg, 10, late, 0.5) == pytest.approx(0.5 * 0.99 + 0.5 * 0.92)
+    assert tg.muon_momentum(cfg, 10, late, 0.1) == pytest.approx(0.25 * 0.99 + 0.75 * 0.92)  # floor b = 0.25
+    assert tg.muon_momentum(cfg, 10, late, 0.0) == pytest.approx(0.9375)
+    plain = seed_cfg("pr473")
+    assert tg.muon_momentum(plain, 5000, 0.0, 0.1) == pytest.approx(0.99)  # off elsewhere
