@@ -325,7 +325,7 @@ sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
     bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
-    read_shard_header, shard_files, target_bytes, usable_val)
+    make_loader, read_shard_header, shard_files, target_bytes, usable_val)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -1127,7 +1127,7 @@ def main(argv: list[str]) -> None:
     opt = Optimizer(base, cfg, rt)
     if use_compile:
         opt.ns = torch.compile(orthogonalize)
-    r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
+    r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), make_loader(cfg, train_files, rt),
             Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
     peak, backend = peak_flops(rt.device), attention_backend(cfg, rt.device)
     log(f"model_params:{count_params(base)}")
@@ -1145,7 +1145,7 @@ def main(argv: list[str]) -> None:
     plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed, texts)[0])
     for line in quantize.format_plan(plan).splitlines():
         log(f"artifact_plan: {line}")
-    warmup(r, lambda: DistributedTokenLoader(train_files, rt, cfg.vocab_size))
+    warmup(r, lambda: make_loader(cfg, train_files, rt))
     gc.collect()
     gc.freeze()  # what lives now lives to the end: the collector skips it instead of pausing steps
     if ck is not None:

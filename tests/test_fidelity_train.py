@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _util import ROOT
+from _util import ROOT, read_log, run_train, tiny_args, train_losses
 from test_optim import small_cfg, synthetic_grads
 
 sys.path.insert(0, str(ROOT))
@@ -130,3 +130,119 @@ def test_pr1812_blends_momentum_toward_092_in_the_warmdown():
     assert tg.muon_momentum(cfg, 10, late, 0.0) == pytest.approx(0.9375)
     plain = seed_cfg("pr473")
     assert tg.muon_momentum(plain, 5000, 0.0, 0.1) == pytest.approx(0.99)  # off elsewhere
+
+
+# ----------------------------------------------------------------------------- item 11: PR #1812's loader
+
+import data_loader as dl  # noqa: E402
+import numpy as np  # noqa: E402
+
+T = 16
+SIZES = [300, 517, 410, 263, 388, 601, 350, 290, 444, 333, 275, 480, 390, 305, 320, 299]  # 16 shards, 2 per virtual rank
+
+
+def write_shards(root):
+    """Shard i holds tokens 2000*i + position: every row names its shard and start offset."""
+    import prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(SIZES):
+        prepare.write_shard(root / f"fineweb_train_{i:06d}.bin", np.arange(n, dtype=np.int64) + 2000 * i)
+    return sorted(root.glob("fineweb_train_*.bin"))
+
+
+def where(row):
+    shard, pos = divmod(int(row[0]), 2000)
+    assert np.array_equal(np.asarray(row), np.arange(T + 1) + int(row[0]))  # T+1 contiguous tokens of one shard
+    return shard, pos
+
+
+def loader(files, rank, world, accum, n_local=6):
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"), accum)
+    return dl.ShuffledSequenceLoader(files, rt, 65536, T), n_local * world * accum * T
+
+
+def rows(ld, global_tokens):
+    x, y = ld.next_batch(global_tokens, T)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    return torch.cat([x, y[:, -1:]], 1).numpy()
+
+
+def test_shuffled_loader_follows_pr1812_rules(tmp_path):
+    """Rank 3 of 8 reads shards 3 and 11 only; a PCG64 seeded with the rank; rows start at phase + i*T
+    with phase one of the 8 evenly spaced offsets in [0, min(T-1, n-T-1)]; the first batch is split by
+    largest remainder in proportion to the rows left; every row is used once before any shard resets,
+    and each reset moves to the shard's next phase."""
+    files = write_shards(tmp_path / "d")
+    ld, gt = loader(files, 3, 8, 1)
+    sh = ld.stream.ranks[0]
+    assert [f.name for f in sh.files] == [files[3].name, files[11].name]
+    rng = np.random.Generator(np.random.PCG64(3))
+    cycle = [rng.permutation(8), rng.permutation(8)]
+    want_phase = [int(np.linspace(0, min(T - 1, n - T - 1), 8).astype(np.int64)[c[0]]) for n, c in zip((263, 480), cycle)]
+    n_rows = [(n - 1 - p) // T for n, p in zip((263, 480), want_phase)]
+    first = [where(r) for r in rows(ld, gt)]
+    count = [sum(s == k for s, _ in first) for k in (3, 11)]
+    base, rem = zip(*(divmod(6 * n, sum(n_rows)) for n in n_rows))  # largest remainder, by hand
+    assert count == [b + (r > rem[1 - k] or (r == rem[1 - k] and k == 0)) for k, (b, r) in enumerate(zip(base, rem))]
+    seen, phases = {3: [], 11: []}, {3: set(), 11: set()}
+    for s, p in first:
+        seen[s].append(p)
+    for _ in range(sum(n_rows) // 6 - 1):  # all whole batches before the rows run out
+        for s, p in (where(r) for r in rows(ld, gt)):
+            seen[s].append(p)
+    for s, ph, n in zip((3, 11), want_phase, n_rows):
+        assert set(seen[s]) <= {ph + i * T for i in range(n)} and len(set(seen[s])) == len(seen[s]), s  # each row once
+        assert seen[s] != sorted(seen[s])  # in a shuffled order
+    assert sum(map(len, seen.values())) == sum(n_rows) - sum(n_rows) % 6
+    for _ in range(3):  # past the end: all shards reset to their next phase
+        for s, p in (where(r) for r in rows(ld, gt)):
+            phases[s].add(p % T)
+    nxt = [int(np.linspace(0, min(T - 1, n - T - 1), 8).astype(np.int64)[c[1]]) for n, c in zip((263, 480), cycle)]
+    assert phases == {3: {nxt[0] % T}, 11: {nxt[1] % T}}
+    other_seed = loader(files, 3, 8, 1)[0]  # the run seed never enters: the same rank gives the same data
+    assert np.array_equal(rows(other_seed, gt), rows(loader(files, 3, 8, 1)[0], gt))
+
+
+def test_shuffled_loader_one_gpu_sees_the_eight_ranks_rows_and_resumes(tmp_path):
+    """virtual_world_size 8 on 1 process (8 micro-steps) = 8 ranks' loaders; on 2 ranks x 4 micro-steps,
+    rank r's micro-step j = virtual rank 4r+j. A state saved mid-run (through torch.save, weights_only)
+    continues with exactly the rows the uninterrupted loader hands out, prefetch included."""
+    files = write_shards(tmp_path / "d")
+    eight = [loader(files, r, 8, 1)[0] for r in range(8)]
+    one, gt = loader(files, 0, 1, 8)
+    two = [loader(files, r, 2, 4)[0] for r in range(2)]
+    later = []
+    for step in range(12):  # several resets of the smaller ranks
+        want = [rows(ld, gt) for ld in eight]
+        assert all(np.array_equal(rows(one, gt), w) for w in want), step
+        assert all(np.array_equal(rows(two[v // 4], gt), want[v]) for v in range(8)), step
+        if step == 6:
+            path = tmp_path / "s.pt"
+            torch.save({"loader": one.state()}, path)
+        later += want if step > 6 else []
+    back = loader(files, 0, 1, 8)[0]
+    back.load_state(torch.load(path, weights_only=True)["loader"])
+    assert all(np.array_equal(rows(back, gt), w) for w in later)
+
+
+def test_shuffled_loader_key_and_pr1812_config(tmp_path):
+    files = write_shards(tmp_path / "d")
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 8)
+    cfg = small_cfg(train_loader="shuffled", train_seq_len=T, vocab_size=65536)
+    assert isinstance(dl.make_loader(cfg, files, rt), dl.ShuffledSequenceLoader)
+    assert type(dl.make_loader(small_cfg(vocab_size=65536), files, rt)) is dl.DistributedTokenLoader
+    assert seed_cfg("pr1812").train_loader == "shuffled" and seed_cfg("pr473").train_loader == "sequential"
+
+
+def test_shuffled_loader_run_resumes_from_its_checkpoint(sample_data, tmp_path):
+    """train_loader=shuffled end to end: the loader state rides in the checkpoint, so a resumed run
+    trains on the rows the uninterrupted run saw (same losses)."""
+    args = tiny_args(sample_data, iterations=6, checkpoint_every=3, keep_checkpoints=5, train_loader="shuffled",
+                     virtual_world_size=1)  # the sample has one train shard: one (virtual) rank
+    run_train(args + ["--run_id=ref"], tmp_path)
+    run_train(args + ["--run_id=back", "--resume", str(tmp_path / "runs/ref/ckpt_step000003.pt")], tmp_path)
+    seq = run_train(tiny_args(sample_data, iterations=6, train_loader="sequential", virtual_world_size=1) + ["--run_id=seq"], tmp_path)
+    ref, back = train_losses(read_log(tmp_path, "ref")), train_losses(read_log(tmp_path, "back"))
+    assert sorted(back) == [4, 5, 6] and max(abs(back[k] - ref[k]) for k in back) < 1e-6
+    assert seq.returncode == 0 and train_losses(read_log(tmp_path, "seq"))[1] != ref[1]  # another data order
