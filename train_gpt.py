@@ -517,6 +517,10 @@ class GPT(nn.Module):
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.register_buffer("core_uses", torch.bincount(torch.arange(L) % U, minlength=U).float(), persistent=False)
         self.reset_parameters()
+        if cfg.storage_dtypes == "official":  # records: init in fp32, model.bfloat16(), then all but the embedding tables back to fp32
+            for m in self.modules():
+                if isinstance(m, nn.Embedding):
+                    m.bfloat16()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -552,6 +556,8 @@ class GPT(nn.Module):
             base = base * (T / ntk) ** (rd / (rd - 2))
         inv = base ** (-torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd)
         f = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv)
+        if self.cfg.storage_dtypes == "official" and not (ntk and T > ntk):  # the cast bf16 inv_freq buffer; positions take its
+            f = torch.outer(torch.arange(T, dtype=torch.bfloat16, device=device), inv.bfloat16())  # dtype (an NTK table is fresh fp32)
         return f.cos()[None, :, None, :], f.sin()[None, :, None, :]
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ CPU1 = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
 def seed_cfg(name: str, **over):
     """A seed config shrunk to a CPU shape; every training key keeps the config's value."""
     small = {"model_dim": "64", "num_heads": "4", "num_kv_heads": "2", "vocab_size": "96", "rope_dims": "8", "num_layers": "3",
-             "train_seq_len": "16", "loop_start": "1", "loop_end": "1", "parallel_start": "2", "ve_layers": "", "num_skips": "-1"}
+             "train_seq_len": "16", "loop_start": "1", "loop_end": "1", "parallel_start": "2", "ve_layers": "", "num_skips": "-1",
+             "num_cores": "0"}
     small.update({k: str(v) for k, v in over.items()})
     return tg.load_config(str(ROOT / "configs" / f"{name}.toml"), small, {})[0]
 
@@ -246,3 +247,40 @@ def test_shuffled_loader_run_resumes_from_its_checkpoint(sample_data, tmp_path):
     ref, back = train_losses(read_log(tmp_path, "ref")), train_losses(read_log(tmp_path, "back"))
     assert sorted(back) == [4, 5, 6] and max(abs(back[k] - ref[k]) for k in back) < 1e-6
     assert seq.returncode == 0 and train_losses(read_log(tmp_path, "seq"))[1] != ref[1]  # another data order
+
+
+# ----------------------------------------------------------------------------- item 7: official CUDA dtypes
+
+def test_official_storage_dtypes():
+    """storage_dtypes=official: the records' model.bfloat16() then banks, linears, ndim<2 and control
+    tensors back to fp32, so the embedding tables (and their Adam state) are bf16 casts of the fp32 init,
+    everything else fp32; the RoPE table comes from the bf16 inv_freq buffer (positions in its dtype),
+    except an NTK-rescaled table, which the records rebuild in fp32. fp32 stays the default."""
+    over = dict(bigram_buckets=32, ve_layers="2", smear="v3", attn_gate="sparse", skip_gates=1)
+    torch.manual_seed(0)
+    ref = tg.GPT(small_cfg(**over))
+    cfg = small_cfg(storage_dtypes="official", **over)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    tables = {"tok_emb.weight", "bigram.table.weight", "ve.table.weight"}
+    for n, p in model.named_parameters():
+        assert p.dtype == (torch.bfloat16 if n in tables else torch.float32), n
+        want = ref.get_parameter(n).detach()
+        assert torch.equal(p.detach(), want.to(p.dtype)), n
+    assert all(p.dtype == torch.float32 for p in ref.parameters()) and tg.count_params(model) == tg.count_params(ref)
+    opt = tg.Optimizer(model, cfg, CPU1)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x).backward()
+    opt.step(1.0, 0.9)
+    assert opt.adams[0].state[model.tok_emb.weight]["exp_avg"].dtype == torch.bfloat16
+    cos, _ = model.rope(64, "cpu")
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32)  # head dim 32, all dims rotate
+    assert torch.equal(cos[0, :, 0], torch.outer(torch.arange(64, dtype=torch.bfloat16), inv.bfloat16()).cos())
+    assert not torch.equal(cos.float(), ref.rope(64, "cpu")[0])
+    ntk = tg.GPT(small_cfg(storage_dtypes="official", rope_ntk_len=32))
+    assert ntk.rope(64, "cpu")[0].dtype == torch.float32 and ntk.rope(16, "cpu")[0].dtype == torch.bfloat16
+
+
+def test_seed_configs_set_official_storage_dtypes():
+    assert all(seed_cfg(n).storage_dtypes == "official" for n in ("pr473", "pr526", "pr573", "pr1550", "pr1812"))
+    assert tg.load_config(str(ROOT / "configs/baseline.toml"), {}, {})[0].storage_dtypes == "fp32"  # baseline.toml = defaults
