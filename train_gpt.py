@@ -1263,8 +1263,10 @@ def calibrate(r: Run, quantize) -> dict | None:
     t, H = time.perf_counter(), {}
     mode = r.base.training
     r.base.eval()
-    xs = ([generate(r.base, cfg, max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1), rt.device,
-                    cfg.seed + 1000 * rt.rank + i) for i in range(cfg.gptq_calib_batches)] if cfg.gptq_calib_source == "self" else
+    per = max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1)  # sequences per generated batch
+    n = max(len(range(rt.rank, cfg.gptq_calib_seqs, rt.world_size)), 1) if cfg.gptq_calib_seqs > 0 else per * cfg.gptq_calib_batches
+    xs = ([generate(r.base, cfg, min(per, n - i), rt.device, cfg.seed + 1000 * rt.rank + i // per) for i in range(0, n, per)]
+          if cfg.gptq_calib_source == "self" else
           [r.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len)[0] for _ in range(cfg.gptq_calib_batches)])
     CAPTURE = lambda name, x: quantize.accumulate_hessian(H, name, x)  # noqa: E731
     try:
@@ -1278,8 +1280,8 @@ def calibrate(r: Run, quantize) -> dict | None:
         H[name] = [all_reduce_(H[name][0]), H[name][1] * rt.world_size]
     sync(rt.device)
     calib_s, train_s = time.perf_counter() - t, r.train_ms / 1000
-    r.log(f"gptq_calibration:{len(H)} hessians source:{cfg.gptq_calib_source} batches/rank:{cfg.gptq_calib_batches} time:{calib_s:.1f}s "
-          f"train_time:{train_s:.1f}s total:{train_s + calib_s:.1f}s reserve:{cfg.gptq_reserve_seconds:.1f}s")
+    r.log(f"gptq_calibration:{len(H)} hessians source:{cfg.gptq_calib_source} batches/rank:{len(xs)} seqs/rank:{sum(map(len, xs))} "
+          f"time:{calib_s:.1f}s train_time:{train_s:.1f}s total:{train_s + calib_s:.1f}s reserve:{cfg.gptq_reserve_seconds:.1f}s")
     if cfg.max_wallclock_seconds > 0 and train_s + calib_s > cfg.max_wallclock_seconds:
         r.log(f"WARNING: training + calibration took {train_s + calib_s:.1f}s > max_wallclock_seconds {cfg.max_wallclock_seconds:.0f}: "
               "raise gptq_reserve_seconds; calibration must finish inside the training budget")

@@ -284,3 +284,20 @@ def test_official_storage_dtypes():
 def test_seed_configs_set_official_storage_dtypes():
     assert all(seed_cfg(n).storage_dtypes == "official" for n in ("pr473", "pr526", "pr573", "pr1550", "pr1812"))
     assert tg.load_config(str(ROOT / "configs/baseline.toml"), {}, {})[0].storage_dtypes == "fp32"  # baseline.toml = defaults
+
+
+# ----------------------------------------------------------------------------- item 8: calibration keys
+
+def test_seed_config_calibration_and_packing_keys():
+    c = seed_cfg("pr1812")
+    assert (c.gptq_calib_batches, c.gptq_calib_source, c.byte_shuffle, c.code_packed) == (64, "train", True, True)
+    c = seed_cfg("pr1550", train_seq_len=2048)
+    assert (c.gptq_calib_source, c.gptq_calib_seqs, c.train_seq_len) == ("self", 32, 2048)
+
+
+def test_self_calibration_generates_the_configured_number_of_sequences(sample_data, tmp_path):
+    """gptq_calib_seqs: PR #1550 calibrates on 32 generated sequences in all, not on whole local batches."""
+    args = tiny_args(sample_data, iterations=2, quant_scheme="mixed", gptq=1, gptq_calib_source="self", gptq_calib_seqs=3,
+                     quant_keep_float_numel=1000, virtual_world_size=1)
+    run_train(args + ["--run_id=cal"], tmp_path)
+    assert "hessians source:self batches/rank:1 seqs/rank:3 " in read_log(tmp_path, "cal")
