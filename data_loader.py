@@ -162,6 +162,8 @@ class ShuffledShards:
         if sum(self.left) < n:
             for i in range(len(self.files)):
                 self._reset(i)
+        if sum(self.left) < n:
+            raise DataError(f"train_loader=shuffled: a rank's shards hold {sum(self.left)} rows, fewer than a batch ({n}); add shards")
         left = np.array(self.left, dtype=np.int64)
         count, rem = np.divmod(n * left, left.sum())
         count[np.argsort(-rem, kind="stable")[: n - int(count.sum())]] += 1

@@ -234,6 +234,10 @@ def test_shuffled_loader_key_and_pr1812_config(tmp_path):
     assert isinstance(dl.make_loader(cfg, files, rt), dl.ShuffledSequenceLoader)
     assert type(dl.make_loader(small_cfg(vocab_size=65536), files, rt)) is dl.DistributedTokenLoader
     assert seed_cfg("pr1812").train_loader == "shuffled" and seed_cfg("pr473").train_loader == "sequential"
+    with pytest.raises(dl.DataError, match="no shard of 17"):  # 16 shards cannot feed 32 virtual ranks
+        loader(files, 0, 1, 32)
+    with pytest.raises(dl.DataError, match="fewer than a batch"):
+        rows(*loader(files, 0, 8, 1, n_local=100))
 
 
 def test_shuffled_loader_run_resumes_from_its_checkpoint(sample_data, tmp_path):
