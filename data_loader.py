@@ -4,6 +4,7 @@ this file ships in every record folder next to train_gpt.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,8 @@ class DistributedTokenLoader:
         t = self.ahead[1].result() if self.ahead is not None else self._host(*key)
         self.pos, self.ahead = self.stream.state(), (key, self.pool.submit(self._host, *key))
         t = t.to(self.rt.device, non_blocking=True)
+        if t.dim() == 2:  # rows of seq_len + 1 tokens (shuffled loader)
+            return t[:, :-1], t[:, 1:]
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
     def state(self) -> dict:
@@ -125,6 +128,112 @@ class DistributedTokenLoader:
             self.ahead[1].result()
         self.stream.load_state(s)
         self.pos, self.ahead = self.stream.state(), None
+
+class ShuffledShards:
+    """One rank of PR #1812's loader (rank r of W reads shards r, r+W, ...). A NumPy PCG64 seeded with the
+    rank, never the run seed, drives it. Per shard, the start phase is one of 8 evenly spaced offsets in
+    [0, min(T-1, n-T-1)] (np.linspace truncated to int), visited in a permutation of the 8 drawn once and
+    advanced at each reset; the shard is cut into rows of T+1 tokens at phase + i*T in a random order.
+    A batch takes rows from the shards in proportion to what remains (largest remainder, ties to the lower
+    shard), walks the shards in a shuffled order and pops from the end of each shard's order. When fewer
+    rows remain than a batch needs, every shard resets. Draw order (our choice where the issue is silent):
+    the 8-permutations of all shards, then each shard's first row order; per batch one permutation of all
+    the rank's shards. The state keeps the generator state behind each row order, not the orders."""
+
+    def __init__(self, files: list[Path], rank: int, seq_len: int, vocab_size: int):
+        self.files, self.T, self.vocab_size = files, seq_len, vocab_size
+        self.sizes = [read_shard_header(f) for f in files]
+        if not files or max(self.sizes) < seq_len + 1:
+            raise DataError(f"train_loader=shuffled: (virtual) rank {rank} gets no shard of {seq_len + 1}+ tokens (it reads shards "
+                            f"{rank}, {rank} + virtual_world_size, ...); add train shards or lower virtual_world_size")
+        self.maps: dict[int, np.ndarray] = {}
+        self.rng = np.random.Generator(np.random.PCG64(rank))
+        self.phases = [np.linspace(0, max(min(seq_len - 1, n - seq_len - 1), 0), 8).astype(np.int64) for n in self.sizes]
+        self.cycle = [self.rng.permutation(8) for _ in files]
+        self.resets, self.left, self.order, self.drawn_from = [0] * len(files), [0] * len(files), [None] * len(files), [""] * len(files)
+        for i in range(len(files)):
+            self._reset(i)
+
+    def _phase(self, i: int) -> int:
+        return int(self.phases[i][self.cycle[i][(self.resets[i] - 1) % 8]])
+
+    def _reset(self, i: int) -> None:
+        self.resets[i] += 1
+        self.drawn_from[i] = json.dumps(self.rng.bit_generator.state)
+        self.order[i] = self.rng.permutation(max((self.sizes[i] - 1 - self._phase(i)) // self.T, 0))
+        self.left[i] = len(self.order[i])
+
+    def take(self, n: int) -> np.ndarray:
+        if sum(self.left) < n:
+            for i in range(len(self.files)):
+                self._reset(i)
+        if sum(self.left) < n:
+            raise DataError(f"train_loader=shuffled: a rank's shards hold {sum(self.left)} rows, fewer than a batch ({n}); add shards")
+        left = np.array(self.left, dtype=np.int64)
+        count, rem = np.divmod(n * left, left.sum())
+        count[np.argsort(-rem, kind="stable")[: n - int(count.sum())]] += 1
+        rows = []
+        for i in self.rng.permutation(len(self.files)):
+            if count[i]:
+                if i not in self.maps:
+                    self.maps[i] = np.memmap(self.files[i], dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(self.sizes[i],))
+                starts = self._phase(i) + self.T * self.order[i][self.left[i] - count[i] : self.left[i]][::-1]
+                self.left[i] -= int(count[i])
+                rows += [self.maps[i][s : s + self.T + 1] for s in starts]
+        out = np.stack(rows)
+        check_token_range(out, self.vocab_size, self.files[0].parent)
+        return out
+
+    def state(self) -> dict:
+        return {"rng": json.dumps(self.rng.bit_generator.state), "resets": list(self.resets), "left": list(self.left),
+                "drawn_from": list(self.drawn_from)}
+
+    def load_state(self, s: dict) -> None:
+        self.resets, self.left, self.drawn_from = list(s["resets"]), list(s["left"]), list(s["drawn_from"])
+        for i, st in enumerate(self.drawn_from):
+            g = np.random.Generator(np.random.PCG64())
+            g.bit_generator.state = json.loads(st)
+            self.order[i] = g.permutation(max((self.sizes[i] - 1 - self._phase(i)) // self.T, 0))
+        self.rng.bit_generator.state = json.loads(s["rng"])
+
+class VirtualRanks:
+    """The ranks a process stands in for: real rank r with grad_accum A runs virtual ranks r*A .. r*A+A-1,
+    one per micro-step, so 1 GPU with virtual_world_size 8 sees exactly the rows 8 GPUs would."""
+
+    def __init__(self, files: list[Path], rt: Runtime, seq_len: int, vocab_size: int):
+        V, A = rt.world_size * rt.grad_accum, rt.grad_accum
+        self.ranks, self.micro = [ShuffledShards(files[v::V], v, seq_len, vocab_size) for v in range(rt.rank * A, (rt.rank + 1) * A)], 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = self.ranks[self.micro].take(n)
+        self.micro = (self.micro + 1) % len(self.ranks)
+        return out
+
+    def state(self) -> dict:
+        return {"micro": self.micro, "ranks": [r.state() for r in self.ranks]}
+
+    def load_state(self, s: dict) -> None:
+        self.micro = int(s["micro"])
+        for r, st in zip(self.ranks, s["ranks"], strict=True):
+            r.load_state(st)
+
+class ShuffledSequenceLoader(DistributedTokenLoader):
+    """PR #1812's data order (train_loader = "shuffled") behind the sequential loader's prefetch and resume."""
+
+    def __init__(self, files: list[Path], rt: Runtime, vocab_size: int, seq_len: int):
+        self.rt, self.stream, self.ahead = rt, VirtualRanks(files, rt, seq_len, vocab_size), None
+        self.pool, self.pos = ThreadPoolExecutor(1), self.stream.state()
+
+    def _host(self, global_tokens: int, seq_len: int) -> Tensor:
+        if seq_len != self.stream.ranks[0].T:
+            raise ValueError(f"the shuffled loader cuts rows of train_seq_len={self.stream.ranks[0].T}, not {seq_len}")
+        t = torch.from_numpy(self.stream.take(global_tokens // (self.rt.world_size * self.rt.grad_accum * seq_len)).astype(np.int64))
+        return t.pin_memory() if self.rt.device.type == "cuda" else t
+
+def make_loader(cfg: Config, files: list[Path], rt: Runtime) -> DistributedTokenLoader:
+    if cfg.train_loader == "shuffled":
+        return ShuffledSequenceLoader(files, rt, cfg.vocab_size, cfg.train_seq_len)
+    return DistributedTokenLoader(files, rt, cfg.vocab_size)
 
 def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], bos_id: int) -> list[str]:
     """The integrity check lives with the manifest format in data/prepare.py; a record folder that

@@ -64,6 +64,7 @@ class QuantConfig:
     quant_gptq_embed: bool = False
     gptq_calib_batches: int = 16  # calibration batches of train_batch_tokens / grad_accum tokens per rank
     gptq_calib_source: str = "train"  # train (training shards) | self (text the model generates); never val
+    gptq_calib_seqs: int = 0  # self: this many generated sequences over all ranks (>= 1 per rank); 0 = gptq_calib_batches local batches
     gptq_reserve_seconds: float = 0.0  # carved out of max_wallclock_seconds: calibration runs inside the 600 s
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
     lqer_top_k: int = 3

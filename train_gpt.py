@@ -52,6 +52,7 @@ class Config:
     seed: int = 1337
     data_check_train_shards: int = 1  # train shards scanned for val documents at start (0 = skip)
     caseops_enabled: bool = False  # CaseOps data (PR #1855): val_bpb divides by the dataset's byte sidecar (original text bytes)
+    train_loader: str = "sequential"  # sequential (official: the shards in order, contiguous slices) | shuffled (PR #1812)
     # schedule and batch
     iterations: int = 20000
     warmdown_iters: int = 1200
@@ -123,10 +124,11 @@ class Config:
     muon_row_norm: bool = False  # MuonEq-R
     muon_wd: float = 0.0
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
-    muon_momentum_dtype: str = "fp32"  # fp32 | bf16
+    muon_momentum_dtype: str = "fp32"  # fp32 | bf16 (banked records: gradient, momentum buffer and Nesterov sum in bf16)
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
+    muon_momentum_warmdown: float = 0.0  # > 0: in the LR warmdown mu = b*mu + (1-b)*this, b = max(lr_mul, 0.25) (PR #1812: 0.92)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -134,6 +136,7 @@ class Config:
     adam_wd: float = 0.0
     adam_matrix_patterns: str = ""  # 2-D params whose names contain these go to scalar AdamW, not Muon
     grad_clip_norm: float = 0.0
+    grad_clip_rule: str = "global"  # global (norm of the reduced gradient) | local (each rank clips its own, then reduce: PR #473)
     lr_schedule: str = "iter_warmdown"  # iter_warmdown | frac_warmdown | cosine
     warmdown_frac: float = 0.0
     min_lr: float = 0.0
@@ -150,6 +153,7 @@ class Config:
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     autocast_dtype: str = "bf16"  # bf16 | fp32
+    storage_dtypes: str = "fp32"  # fp32 masters | official (records' cast: embedding tables + Adam state bf16, RoPE from bf16)
     compile: bool = True  # torch.compile(fullgraph) on CUDA; CPU always runs eager
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
@@ -246,7 +250,8 @@ def validate_config(c: Config) -> None:
                          ("lane_skip", "lane0 stream"), ("proj_init", "ortho ortho_scaled zero"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
-                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
+                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32"),
+                         ("grad_clip_rule", "global local"), ("storage_dtypes", "fp32 official"), ("train_loader", "sequential shuffled")):
         need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
 
 def parse_cli(argv: list[str], paths: tuple = ("config", "resume")) -> tuple[dict, dict]:
@@ -324,7 +329,7 @@ sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
     bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
-    read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
+    make_loader, read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -516,6 +521,10 @@ class GPT(nn.Module):
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.register_buffer("core_uses", torch.bincount(torch.arange(L) % U, minlength=U).float(), persistent=False)
         self.reset_parameters()
+        if cfg.storage_dtypes == "official":  # records: init in fp32, model.bfloat16(), then all but the embedding tables back to fp32
+            for m in self.modules():
+                if isinstance(m, nn.Embedding):
+                    m.bfloat16()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -567,6 +576,8 @@ class GPT(nn.Module):
             base = base * (T / ntk) ** (rd / (rd - 2))
         inv = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))  # the records' rounding, bit for bit
         f = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv)
+        if self.cfg.storage_dtypes == "official" and not (ntk and T > ntk):  # the cast bf16 inv_freq buffer; positions take its
+            f = torch.outer(torch.arange(T, dtype=torch.bfloat16, device=device), inv.bfloat16())  # dtype (an NTK table is fresh fp32)
         return f.cos()[None, :, None, :], f.sin()[None, :, None, :]
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -754,10 +765,11 @@ class Optimizer:
             raise RuntimeError(f"optimizer groups must cover every trainable parameter exactly once; missing: {names}")
 
     def _muon(self, g: Tensor, buf: Tensor, momentum: float) -> Tensor:
-        buf.mul_(momentum).add_(g.to(buf.dtype))
-        u = g.add(buf.to(g.dtype), alpha=momentum)  # Nesterov
-        if self.cfg.muon_row_norm:  # MuonEq-R
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        g = g.to(buf.dtype)  # a bf16 buffer (banked records) takes a bf16 gradient and sums Nesterov in bf16
+        buf.mul_(momentum).add_(g)
+        u = g.add(buf, alpha=momentum)  # Nesterov
+        if self.cfg.muon_row_norm:  # MuonEq-R, norms in fp32
+            u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
         u = self.ns(u, self.cfg.muon_backend_steps, self.cfg.muon_ns)
         return u * max(1.0, u.size(-2) / u.size(-1)) ** 0.5
 
@@ -778,6 +790,8 @@ class Optimizer:
         cfg, W = self.cfg, self.rt.world_size
         if cfg.core_grad_scale:  # PR #526: a core shared by k layers gets the mean, not the sum, of their grads
             self.model.mean_core_grads()
+        if cfg.grad_clip_norm > 0 and cfg.grad_clip_rule == "local":  # the mean of per-rank-clipped gradients
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], cfg.grad_clip_norm)
         jobs = []
         for name, p in sorted(self.banks, key=lambda t: -t[1].numel()):  # largest first
             n_pad = -(-p.size(0) // W) * W
@@ -792,7 +806,7 @@ class Optimizer:
             flat = torch.cat([p.grad.reshape(-1) for p in reps])
             all_reduce_(flat).div_(W)
             torch._foreach_copy_([p.grad for p in reps], [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in reps]), reps)])
-        if cfg.grad_clip_norm > 0:  # global norm after reduction (the banked records clipped per rank)
+        if cfg.grad_clip_norm > 0 and cfg.grad_clip_rule == "global":  # the norm of the reduced gradient
             jobs = [self._landed(*j) for j in jobs]
             sq = torch.zeros((), device=self.rt.device)
             for *_, shard, _ in jobs:
@@ -880,10 +894,14 @@ def lr_multiplier(cfg: Config, step: int, elapsed_ms: float) -> float:
         return 1.0
     return max((1 - f) / cfg.warmdown_frac, cfg.min_lr)
 
-def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0) -> float:
+def muon_momentum(cfg: Config, step: int, elapsed_ms: float = 0.0, lr_mul: float = 1.0) -> float:
     frac = (min(progress(cfg, step, elapsed_ms) / cfg.muon_momentum_warmup_frac, 1.0) if cfg.muon_momentum_warmup_frac > 0 else
             min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0)
-    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+    mu = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+    if cfg.muon_momentum_warmdown > 0:  # PR #1812: b = 1 until the warmdown, so only the decay phase moves
+        b = max(lr_mul, 0.25)
+        mu = b * mu + (1 - b) * cfg.muon_momentum_warmdown
+    return mu
 
 class WeightAverage:
     """EMA: fp32 shadow of every parameter, ema = d*ema + (1-d)*w after each step. SWA: uniform mean
@@ -1136,7 +1154,7 @@ def main(argv: list[str]) -> None:
     opt = Optimizer(base, cfg, rt)
     if use_compile:
         opt.ns = torch.compile(orthogonalize)
-    r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
+    r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), make_loader(cfg, train_files, rt),
             Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
     peak, backend = peak_flops(rt.device), attention_backend(cfg, rt.device)
     log(f"model_params:{count_params(base)}")
@@ -1154,7 +1172,7 @@ def main(argv: list[str]) -> None:
     plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed, texts)[0])
     for line in quantize.format_plan(plan).splitlines():
         log(f"artifact_plan: {line}")
-    warmup(r, lambda: DistributedTokenLoader(train_files, rt, cfg.vocab_size))
+    warmup(r, lambda: make_loader(cfg, train_files, rt))
     gc.collect()
     gc.freeze()  # what lives now lives to the end: the collector skips it instead of pausing steps
     if ck is not None:
@@ -1220,7 +1238,7 @@ def train_loop(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, peak: float | None
             log(f"late_qat:on step:{r.step} lr_mul:{lr_mul:.4f} grid:per-row int{cfg.quant_bits_attn}/int{cfg.quant_bits_mlp} "
                 f"clip:{'sdclip' if cfg.quant_clip == 'sdclip' else 'max'}")
         t_step = time.perf_counter()
-        loss_acc += train_step(r, lr_mul, muon_momentum(cfg, r.step, elapsed))
+        loss_acc += train_step(r, lr_mul, muon_momentum(cfg, r.step, elapsed, lr_mul))
         r.step += 1
         r.avg.update(r.step, lr_mul)
         n_acc += 1
@@ -1266,8 +1284,10 @@ def calibrate(r: Run, quantize) -> dict | None:
     t, H = time.perf_counter(), {}
     mode = r.base.training
     r.base.eval()
-    xs = ([generate(r.base, cfg, max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1), rt.device,
-                    cfg.seed + 1000 * rt.rank + i) for i in range(cfg.gptq_calib_batches)] if cfg.gptq_calib_source == "self" else
+    per = max(cfg.train_batch_tokens // (rt.world_size * rt.grad_accum * cfg.train_seq_len), 1)  # sequences per generated batch
+    n = max(len(range(rt.rank, cfg.gptq_calib_seqs, rt.world_size)), 1) if cfg.gptq_calib_seqs > 0 else per * cfg.gptq_calib_batches
+    xs = ([generate(r.base, cfg, min(per, n - i), rt.device, cfg.seed + 1000 * rt.rank + i // per) for i in range(0, n, per)]
+          if cfg.gptq_calib_source == "self" else
           [r.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len)[0] for _ in range(cfg.gptq_calib_batches)])
     CAPTURE = lambda name, x: quantize.accumulate_hessian(H, name, x)  # noqa: E731
     try:
@@ -1281,8 +1301,8 @@ def calibrate(r: Run, quantize) -> dict | None:
         H[name] = [all_reduce_(H[name][0]), H[name][1] * rt.world_size]
     sync(rt.device)
     calib_s, train_s = time.perf_counter() - t, r.train_ms / 1000
-    r.log(f"gptq_calibration:{len(H)} hessians source:{cfg.gptq_calib_source} batches/rank:{cfg.gptq_calib_batches} time:{calib_s:.1f}s "
-          f"train_time:{train_s:.1f}s total:{train_s + calib_s:.1f}s reserve:{cfg.gptq_reserve_seconds:.1f}s")
+    r.log(f"gptq_calibration:{len(H)} hessians source:{cfg.gptq_calib_source} batches/rank:{len(xs)} seqs/rank:{sum(map(len, xs))} "
+          f"time:{calib_s:.1f}s train_time:{train_s:.1f}s total:{train_s + calib_s:.1f}s reserve:{cfg.gptq_reserve_seconds:.1f}s")
     if cfg.max_wallclock_seconds > 0 and train_s + calib_s > cfg.max_wallclock_seconds:
         r.log(f"WARNING: training + calibration took {train_s + calib_s:.1f}s > max_wallclock_seconds {cfg.max_wallclock_seconds:.0f}: "
               "raise gptq_reserve_seconds; calibration must finish inside the training budget")
