@@ -500,7 +500,8 @@ def record_track_check(r: RunLog, sc: Score, strict: bool) -> tuple[list[str], l
         (P if strict or c["legality"] != "unknown" else N).append(
             f"eval legality is '{c['legality']}' ({sc.name})" + (": not logged" if c["legality"] == "unknown" else ""))
     if c["self_check"] is False:
-        P.append(f"the legality self-check of this eval's config failed ({sc.name}): {next(x for x in c['self_check_lines'] if not x.startswith('pass'))[:300]}")
+        bad = next(x for x in c["self_check_lines"] if not x.startswith("pass"))
+        P.append(f"the legality self-check of this eval's config failed ({sc.name}): {bad[:300]}")
     elif c["self_check"] is None and strict:
         N.append(f"no passing legality self-check on this eval's config ({sc.name}): run ttt_eval.py --check-legality with its flags")
     calib = r.info.get("calib_s") or 0
@@ -663,8 +664,8 @@ def record_readme(a, runs, scores, comp, sig, sub, plots) -> str:
               f"- {w.get('test', 'Welch')}, in bpb: {_test_line(w)} -> {'passes' if w['passes'] else 'does not pass'} at p < {sig['alpha']}.",
               f"- README rule, improvement >= {rule['threshold_nats']} nats ({rule['threshold_bpb']:.5f} bpb) at p < {sig['alpha']}: "
               f"{_test_line(rule)} -> **{'passes' if rule['passes'] else 'does not pass'}**.", ""]
-    L += ["## Compliance", "", "| Seed | Eval mode | Legality | C1 causal | C2 normalized | C3 score before update | C4 single pass | Self-check |",
-          "|---|---|---|---|---|---|---|---|"]
+    L += ["## Compliance", "", "| Seed | Eval mode | Legality | C1 causal | C2 normalized | C3 score before update | C4 single pass "
+          "| Self-check |", "|---|---|---|---|---|---|---|---|"]
     L += [f"| {r.seed} | {c['eval_mode']} | {c['legality']} | " + " | ".join(yn[c[k]] for k in c if k[:2] in ("C1", "C2", "C3", "C4"))
           + f" | {CHECK[c['self_check']]} |" for r, c in zip(runs, comp)]
     L += ["", "C1-C4 are Issue #1017's conditions, read from each eval's `eval_start ... legality:` line. A legal mode scores "

@@ -497,10 +497,12 @@ def check_legality(cfg, model, tokens: Tensor, luts, rt, key: str = "-") -> Verd
                    "before they were scored" + (f" (first: target {a['first_early']})" if a["early"] else ""))
     cnt, (nll, count, _) = a["count"][1:], acc.sums.tolist()
     replaced, total_ok = int((acc.nll != a["nll"]).sum()), abs(nll - float(a["nll"].sum())) <= 1e-9 * abs(nll) and count == n - 1
-    parts["C4"] = (int((cnt != 1).sum()) + int(a["count"][0]) + replaced == 0 and total_ok, f"{int((cnt == 1).sum())} of {n - 1} targets "
-                   f"scored once, {int((cnt == 0).sum())} never, {int((cnt > 1).sum())} more than once; {replaced} reported scores differ from "
-                   f"the first scoring; reported total {'=' if total_ok else '!='} the scored NLL sum over {n - 1} targets")
-    parts["sync"] = (a["diverged"] == 0, f"params differ across {rt.world_size} rank(s) after {a['diverged']} of {a['adaptations']} adaptations")
+    once, never, more = int((cnt == 1).sum()), int((cnt == 0).sum()), int((cnt > 1).sum())
+    parts["C4"] = (once == n - 1 and int(a["count"][0]) == 0 and replaced == 0 and total_ok,
+                   f"{once} of {n - 1} targets scored once, {never} never, {more} more than once; {replaced} reported scores differ "
+                   f"from the first scoring; reported total {'=' if total_ok else '!='} the scored NLL sum over {n - 1} targets")
+    parts["sync"] = (a["diverged"] == 0,
+                     f"params differ across {rt.world_size} rank(s) after {a['diverged']} of {a['adaptations']} adaptations")
     head = (f"key:{key} mode:{cfg.eval_mode} ranks:{rt.world_size} prefix:{n}/{full} runs:{2 + len(probes) if probe else 1 + len(probes)} "
             f"time:{time.perf_counter() - t0:.1f}s")
     return Verdict(head, parts)
