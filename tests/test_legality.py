@@ -87,8 +87,8 @@ def test_probes_avoid_stride_window_and_chunk():
 
 
 def noncausal(q, k, v, doc=None, fa3=True):
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False, enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
 
 
 @pytest.mark.parametrize("mode", ["sliding", "legal_ttt"])
@@ -100,9 +100,14 @@ def test_non_causal_attention_fails_c1(check, monkeypatch, mode):
 
 def test_training_one_token_past_the_scored_chunk_fails_c3(check, monkeypatch):
     train = te.Adapter.train
-    monkeypatch.setattr(te.Adapter, "train", lambda self, tokens, lo, hi, lr, epochs: train(self, tokens, lo + 1, min(hi + 1, tokens.numel() - 1), lr, epochs))
+
+    def shifted(self, tokens, lo, hi, lr, epochs):  # each chunk's training rows one token later
+        return train(self, tokens, lo + 1, min(hi + 1, tokens.numel() - 1), lr, epochs)
+
+    monkeypatch.setattr(te.Adapter, "train", shifted)
     v = check(eval_mode="legal_ttt")
-    assert "C3" in failed(v) and re.search(r"C3 FAIL: 2 TTT steps trained on 512 targets, [1-9]\d* of them before they were scored", v.line), v.line
+    assert "C3" in failed(v), v.line
+    assert re.search(r"C3 FAIL: 2 TTT steps trained on 512 targets, [1-9]\d* of them before they were scored", v.line), v.line
 
 
 def test_subset_normalisation_fails_c2(check, monkeypatch):
@@ -146,38 +151,59 @@ def test_two_ranks(sample_data, tmp_path):
     """2 gloo ranks in one torchrun: the legal modes pass; TTT without its gradient all-reduce fails 'sync'."""
     out = tmp_path / "verdicts.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tests/_legality_ranks.py"),
-                        sample_data["data_path"], sample_data["tokenizer_path"], str(out)], capture_output=True, text=True, timeout=300, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "tests/_legality_ranks.py"),
+           sample_data["data_path"], sample_data["tokenizer_path"], str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     got = json.loads(out.read_text())
     for case in ("sliding", "ttt_sgd", "ttt_adamw_freeze", "ttt_min_numel_zloss_doc"):
         assert got[case]["ok"] and "ranks:2" in got[case]["line"], got[case]["line"]
         assert "C4 ok: 768 of 768 targets scored once" in got[case]["line"]
     bad = got["ttt_no_allreduce"]
-    assert not bad["ok"] and bad["failed"] == ["sync"] and re.search(r"sync FAIL: params differ across 2 rank\(s\) after [12] of 2", bad["line"])
+    assert not bad["ok"] and bad["failed"] == ["sync"], bad["line"]
+    assert re.search(r"sync FAIL: params differ across 2 rank\(s\) after [12] of 2", bad["line"])
 
 
 # -----------------------------------------------------------------------------
 # make_record reads the verdict of a check on the same eval_key
 
 
-def log_with(*evals: list[str]) -> str:
+KEY = "abc123def456"
+CHECK = ["eval_start artifact:a.ptz bytes:78632 mode:legal_ttt legality:legal", "eval_key:{key}",
+         "legality_check:{verdict} key:{key} mode:legal_ttt ranks:1 prefix:769/4000 runs:6 time:1.0s | C1 ok: ..."]
+
+
+def log_with(tmp_path, seed=42, key=None, verdict="pass"):
+    """An eval log (test_records.ours) whose scored eval has eval_key KEY, after a check section with `key`."""
     from test_records import ours
 
-    return ours(extra=["eval_key:abc123def456"]).replace("eval_start", "\n".join(sum(evals, [])) + "\neval_start", 1)
+    text = ours(seed=seed, extra=[f"eval_key:{KEY}"])
+    if key:
+        text = text.replace("eval_start", "\n".join(x.format(key=key, verdict=verdict) for x in CHECK) + "\neval_start", 1)
+    path = tmp_path / f"seed{seed}.txt"
+    path.write_text(text)
+    return path
 
 
-CHECK = ["eval_start artifact:a.ptz bytes:78632 mode:legal_ttt legality:legal", "eval_key:{key}",
-         "legality_check:{verdict} key:{key} mode:legal_ttt ranks:1 prefix:1025/4000 runs:6 time:1.0s | C1 ok: ..."]
-
-
-@pytest.mark.parametrize("key,verdict,want", [("abc123def456", "pass", True), ("abc123def456", "FAIL", False), ("000000000000", "pass", None),
+@pytest.mark.parametrize("key,verdict,want", [(KEY, "pass", True), (KEY, "FAIL", False), ("000000000000", "pass", None),
                                               (None, None, None)])
 def test_make_record_reads_the_check_of_the_same_eval_key(tmp_path, key, verdict, want):
-    evals = [[line.format(key=key, verdict=verdict) for line in CHECK]] if key else []
-    r = mr.parse_log(tmp_path.joinpath("x.txt").write_text(log_with(*evals)) and tmp_path / "x.txt")
+    r = mr.parse_log(log_with(tmp_path, key=key, verdict=verdict))
     c = mr.compliance(r, r.score())
     assert c["self_check"] is want
     problems, notes = mr.record_track_check(r, r.score(), strict=True)
     assert any("self-check of this eval's config failed" in x for x in problems) == (want is False)
     assert any("no passing legality self-check" in x for x in notes) == (want is None)
+
+
+def test_build_accepts_a_check_section_and_says_which_seed_has_no_check(tmp_path):
+    from test_records import build_args
+
+    logs = [log_with(tmp_path, 42, KEY), log_with(tmp_path, 314)]
+    assert mr.main(build_args(tmp_path, logs, [42, 314])) == 0  # a check section has no score: not an unfinished eval
+    folder = tmp_path / "records" / "track_non_record_16mb" / "2026-04-01_Test_Rec"
+    readme = (folder / "README.md").read_text()
+    assert re.search(r"^\| 42 \| legal_ttt \| legal \|( yes \|){4} pass \|$", readme, re.M)
+    assert re.search(r"^\| 314 \| legal_ttt \| legal \|( yes \|){4} \*\*not run\*\* \|$", readme, re.M)
+    assert f"- seed 42: `pass key:{KEY}" in readme and "- seed 314: **no legality self-check was run on this eval's config**" in readme
+    assert json.loads((folder / "submission.json").read_text())["compliance"]["self_check"] is None
