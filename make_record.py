@@ -673,8 +673,9 @@ def record_readme(a, runs, scores, comp, sig, sub, plots) -> str:
     L += [f"- seed {r.seed}: {x}" for r, c in zip(runs, comp) for x in c["reasons"]]
     L += ["", "Self-check: `ttt_eval.py --check-legality` run on the same eval config, artifact and ttt_eval.py (its eval_key) "
           "perturbs the val prefix and taps the real eval path (README, Evaluation)."]
-    L += [f"- seed {r.seed}: " + (f"`{c['self_check_lines'][-1]}`" if c["self_check_lines"] else "**no legality self-check was run on this "
-          "eval's config**") for r, c in zip(runs, comp)]
+    for r, c in zip(runs, comp):  # a failed check outweighs any pass of the same key
+        x = next((x for x in c["self_check_lines"] if not x.startswith("pass")), (c["self_check_lines"] or [None])[-1])
+        L.append(f"- seed {r.seed}: " + (f"`{x}`" if x else "**no legality self-check was run on this eval's config**"))
     tmax, evs = max(r.train_s + (r.info.get("calib_s") or 0) for r in runs), [r.eval_s for r in runs if r.eval_s is not None]
     L += ["", "Margins (worst seed):", "", f"- Training + GPTQ calibration: {tmax:.1f} s of {TIME_CAP_S:.0f} s (margin {TIME_CAP_S - tmax:.1f} s)",
           "- Evaluation wallclock: " + (f"{max(evs):.1f} s of {TIME_CAP_S:.0f} s (margin {TIME_CAP_S - max(evs):.1f} s)" if evs else "not logged"),
