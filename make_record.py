@@ -79,6 +79,7 @@ INFO_RES = [re.compile(p) for p in (
 EVAL_RES = [re.compile(p) for p in (
     r"^eval_legality:(?P<reason>.*)$",
     r"^legality_check:(?P<check>.*)$",
+    r"^eval_key:(?P<key>\w+)",
     r"^eval_phases: (?P<phases>.*)$",
     rf"^eval_wallclock:(?P<wall_s>{NUM})s budget:(?P<budget_s>{NUM})s verdict:(?P<verdict>\S+)",
 )]
@@ -412,7 +413,7 @@ def cmd_build(a) -> int:
             return fail(f"seed {seed}: log {path} is missing")
         r = parse_log(path)
         r.label = a.score_label
-        evals_done = all(any(s.exact and s.section == i for s in r.scores) for i in range(len(r.evals)))
+        evals_done = all(any(s.exact and s.section == i for s in r.scores) or "check" in e for i, e in enumerate(r.evals))
         if missing := [w for w, ok in (("score line", r.score()), ("artifact size line", r.artifact_bytes),
                                        ("'Total submission size' line", r.total_bytes), ("score after its eval_start", evals_done)) if not ok]:
             return fail(f"seed {seed}: {path} is incomplete (no {', no '.join(missing)}): did the run and its eval finish?")
@@ -478,11 +479,23 @@ def compliance(r: RunLog, sc: Score) -> dict:
     if len({s.bpb for s in r.scores if s.exact and s.label == sc.label}) > 1:
         conds["C4_single_pass"] = False  # one label, several values: a choice among evals
     leak = r.info.get("val_docs_in_train")
+    checks = self_checks(r, ev)
     return {"legality": legality, "eval_mode": ev["mode"] if ev else sc.label, **conds,
+            "self_check": None if not checks else all(c.startswith("pass") for c in checks), "self_check_lines": checks,
             "train_under_600s": r.train_s + (r.info.get("calib_s") or 0) <= TIME_CAP_S + train_grace_s(r),
             "eval_under_600s": None if r.eval_s is None else r.eval_s <= TIME_CAP_S,
             "artifact_under_16mb": None if r.total_bytes is None else r.total_bytes <= SIZE_CAP, "no_val_in_training": None if leak is None else leak == 0,
             "score_first_ttt": bool(ev and ev["mode"] == "legal_ttt"), "reasons": reasons}
+
+
+def self_checks(r: RunLog, ev: dict | None) -> list[str]:
+    """The ttt_eval.py --check-legality verdicts in this log that cover the scored eval: the same eval_key
+    (its eval/TTT config, artifact and ttt_eval.py code), whichever eval section of the log ran the check."""
+    key = ev.get("key") if ev else None
+    return [e["check"] for e in r.evals if key and re.search(rf"\bkey:{key}\b", e.get("check", ""))]
+
+
+CHECK = {True: "pass", False: "**FAIL**", None: "**not run**"}
 
 
 def train_grace_s(r: RunLog) -> float:
@@ -498,6 +511,11 @@ def record_track_check(r: RunLog, sc: Score, strict: bool) -> tuple[list[str], l
     if c["legality"] != "legal":
         (P if strict or c["legality"] != "unknown" else N).append(
             f"eval legality is '{c['legality']}' ({sc.name})" + (": not logged" if c["legality"] == "unknown" else ""))
+    if c["self_check"] is False:
+        bad = next(x for x in c["self_check_lines"] if not x.startswith("pass"))
+        P.append(f"the legality self-check of this eval's config failed ({sc.name}): {bad[:300]}")
+    elif c["self_check"] is None and strict:
+        N.append(f"no passing legality self-check on this eval's config ({sc.name}): run ttt_eval.py --check-legality with its flags")
     calib = r.info.get("calib_s") or 0
     if c["train_under_600s"] is False:
         P.append(f"training took {r.train_s + calib:.1f} s (train {r.train_s:.1f} + calibration {calib:.1f}), over the {TIME_CAP_S:.0f} s cap")
@@ -572,7 +590,7 @@ def submission(a, runs, scores, comp, sig, date) -> dict:
         "bytes_code": r.info.get("code_bytes"), "bytes_total": r.total_bytes, "eval_mode": c["eval_mode"],
         "legality": c["legality"], "log": f"train_seed{r.seed}.log"} for r, s, c in zip(runs, scores, comp)}
     flags = {k: (all(c[k] for c in comp) if all(c[k] is not None for c in comp) else None)
-             for k in comp[0] if k not in ("legality", "eval_mode", "reasons")}
+             for k in comp[0] if k not in ("legality", "eval_mode", "reasons", "self_check_lines")}
     return {"name": a.name, "github_id": a.github_id, "author": a.author or a.github_id, "track": a.track, "date": date,
             "blurb": a.blurb, "val_bpb": round(statistics.fmean(bpb), 8), "val_loss": round(statistics.fmean(loss), 8),
             "std": _std(bpb), "val_bpb_std": _std(bpb), "val_loss_std": _std(loss),
@@ -679,13 +697,18 @@ def record_readme(a, runs, scores, comp, sig, sub, plots) -> str:
               f"- {w.get('test', 'Welch')}, in bpb: {_test_line(w)} -> {'passes' if w['passes'] else 'does not pass'} at p < {sig['alpha']}.",
               f"- README rule, improvement >= {rule['threshold_nats']} nats ({rule['threshold_bpb']:.5f} bpb) at p < {sig['alpha']}: "
               f"{_test_line(rule)} -> **{'passes' if rule['passes'] else 'does not pass'}**.", ""]
-    L += ["## Compliance", "", "| Seed | Eval mode | Legality | C1 causal | C2 normalized | C3 score before update | C4 single pass |", "|---|---|---|---|---|---|---|"]
-    L += [f"| {r.seed} | {c['eval_mode']} | {c['legality']} | " + " | ".join(yn[c[k]] for k in c if k[:2] in ("C1", "C2", "C3", "C4")) + " |"
-          for r, c in zip(runs, comp)]
+    L += ["## Compliance", "", "| Seed | Eval mode | Legality | C1 causal | C2 normalized | C3 score before update | C4 single pass "
+          "| Self-check |", "|---|---|---|---|---|---|---|---|"]
+    L += [f"| {r.seed} | {c['eval_mode']} | {c['legality']} | " + " | ".join(yn[c[k]] for k in c if k[:2] in ("C1", "C2", "C3", "C4"))
+          + f" | {CHECK[c['self_check']]} |" for r, c in zip(runs, comp)]
     L += ["", "C1-C4 are Issue #1017's conditions, read from each eval's `eval_start ... legality:` line. A legal mode scores "
           "every token exactly once, before the model is updated on it, in one left-to-right pass (by construction of ttt_eval.py)."]
     L += [f"- seed {r.seed}: {x}" for r, c in zip(runs, comp) for x in c["reasons"]]
-    L += [f"- legality self-check: `{x}`" for x in sorted({r.evals[s.section].get("check") for r, s in zip(runs, scores) if s.section >= 0} - {None})]
+    L += ["", "Self-check: `ttt_eval.py --check-legality` run on the same eval config, artifact and ttt_eval.py (its eval_key) "
+          "perturbs the val prefix and taps the real eval path (README, Evaluation)."]
+    for r, c in zip(runs, comp):  # a failed check outweighs any pass of the same key
+        x = next((x for x in c["self_check_lines"] if not x.startswith("pass")), (c["self_check_lines"] or [None])[-1])
+        L.append(f"- seed {r.seed}: " + (f"`{x}`" if x else "**no legality self-check was run on this eval's config**"))
     tmax, evs = max(r.train_s + (r.info.get("calib_s") or 0) for r in runs), [r.eval_s for r in runs if r.eval_s is not None]
     L += ["", "Margins (worst seed):", "", f"- Training + GPTQ calibration: {tmax:.1f} s of {TIME_CAP_S:.0f} s (margin {TIME_CAP_S - tmax:.1f} s)",
           "- Evaluation wallclock: " + (f"{max(evs):.1f} s of {TIME_CAP_S:.0f} s (margin {TIME_CAP_S - max(evs):.1f} s)" if evs else "not logged"),

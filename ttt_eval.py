@@ -2,7 +2,7 @@
 
   torchrun --standalone --nproc_per_node=8 ttt_eval.py --artifact runs/ID/final_model.mixed.ptz [--config X.toml]
   python ttt_eval.py --artifact A --eval_mode=sliding          # one process, CPU or GPU
-  python ttt_eval.py --artifact A --check-legality             # C1-C4 on a short stream, then exit
+  python ttt_eval.py --artifact A --check-legality             # C1-C4 self-check on a val prefix, then exit
 
 Reads the artifact (weights + the config it was trained with) and the val shards, never training
 data. Model keys come from the artifact; eval/TTT keys from the artifact's config unless the TOML,
@@ -156,6 +156,8 @@ def score(cfg, fn, tokens: Tensor, wins: list, tbytes: Tensor, acc: Scores, devi
             keep = torch.arange(wlen, device=device)[None, :] >= torch.tensor([w[2] for w in batch], device=device)[:, None]
             idx = (starts.to(device)[:, None] + torch.arange(1, wlen + 1, device=device))[keep]
             acc.add(nll[keep], tbytes[idx], idx)
+            if TAP is not None:
+                TAP.scored(fn, x, y, keep, nll[keep], idx)
     fn.train(was)
 
 
@@ -208,6 +210,8 @@ class Adapter:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
+        if TAP is not None:
+            TAP.adapting()
         for _ in range(epochs if seqs else 0):
             for s in range(0, len(seqs), bs):
                 step = seqs[s : s + bs]
@@ -217,18 +221,27 @@ class Adapter:
                 if batch:  # a rank without sequences still joins the reduction with zero gradients
                     pos = torch.tensor(batch)[:, None] + torch.arange(T + 1)
                     chunk = tokens[pos].to(self.rt.device, torch.int64)
+                    if TAP is not None:
+                        TAP.trained(pos[:, 1:])
                     (self.loss(chunk[:, :-1], chunk[:, 1:]) * (len(batch) / len(step))).backward()
-                grads = [p.grad for p in self.params]
-                if self.rt.distributed:
-                    flat = tg.all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
-                    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+                self.reduce_grads([p.grad for p in self.params])
                 if self.cfg.ttt_grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, self.cfg.ttt_grad_clip)
                 self.opt.step()
                 with torch.no_grad():
                     for bank, j, w in self.keep:
                         bank[j] = w
+                if TAP is not None:
+                    TAP.clock += 1
         self.model.zero_grad(set_to_none=True)
+        if TAP is not None:
+            TAP.adapted(self.model)
+
+    def reduce_grads(self, grads: list[Tensor]) -> None:
+        """Sum the gradients over the ranks in one flat all-reduce, so every rank takes the same step."""
+        if self.rt.distributed:
+            flat = tg.all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def chunked(cfg, n_tokens: int, wins: list) -> tuple[int, list[list]]:
@@ -315,36 +328,195 @@ def requantize(model: tg.GPT, cfg) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Legality self-check
+# Legality self-check: a tap on the real eval path (score, Adapter.train), read over a bounded prefix
+
+TAP = None  # the Tap of the run check_legality is making; None in every real eval
+C2_TOL = 1e-4  # nats: a scored NLL against logsumexp(full logit row) - target logit
 
 
-def check_legality(cfg, model, tokens: Tensor, tbytes, rt, p: int | None = None) -> list[str]:
-    """Run the mode twice, the second time with every token after position p replaced. C1/C3: every
-    target at or before p keeps a bit-identical score; C4: every target is scored exactly once; C2:
-    the model's distribution sums to 1 over the whole vocabulary at sampled positions.
-    Returns failure lines (empty = legal)."""
-    p = p or tokens.numel() // 2
+class Enough(Exception):
+    """Every target a perturbed run compares is scored: the rest of that run cannot change them."""
+
+
+class Tap:
+    """What one run of the real eval did: each target's NLL at its first scoring, how often and when (in TTT
+    steps taken) it was scored, the targets each TTT step trained on, a hash of the params after each
+    adaptation, the logit rows of watched targets and (c2) the largest gap between a scored NLL and
+    the full-vocabulary softmax NLL of the logits the model gives for that window."""
+
+    def __init__(self, cfg, n: int, device, watch: list[int], c2: bool, until: int = 0):
+        self.cfg, self.device, self.c2, self.clock, self.until = cfg, device, c2, 0, until
+        self.nll = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int32, device=device)
+        self.first = torch.full((n,), 2**62, dtype=torch.int64, device=device)
+        self.watch = torch.tensor(sorted(watch), dtype=torch.int64, device=device)
+        self.rows = torch.zeros(len(watch), cfg.vocab_size, dtype=torch.float64, device=device)
+        self.gap = torch.zeros(1, dtype=torch.float64, device=device)
+        self.bad_rows = torch.zeros(1, dtype=torch.int64, device=device)  # logit rows not vocab_size wide or not finite
+        self.trains, self.hashes = [], []
+
+    def scored(self, fn, x: Tensor, y: Tensor, keep: Tensor, nll: Tensor, idx: Tensor) -> None:
+        new = self.count[idx] == 0
+        self.nll[idx[new]] = nll[new].double()
+        self.count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+        self.first.scatter_reduce_(0, idx, torch.full_like(idx, self.clock), "amin")
+        hit = torch.isin(idx, self.watch) & new
+        if not (self.c2 or bool(hit.any())):
+            return
+        with tg.autocast(self.cfg, self.device):
+            logits = fn(x)[keep].double()
+        if logits.size(-1) != self.cfg.vocab_size or not bool(logits.isfinite().all()):
+            self.bad_rows += len(logits)
+            return
+        if self.c2:
+            want = torch.logsumexp(logits, -1) - logits.gather(-1, y[keep][:, None]).squeeze(-1)
+            self.gap = torch.maximum(self.gap, (nll.double() - want).abs().max())
+        self.rows[torch.searchsorted(self.watch, idx[hit])] = logits[hit]
+
+    def adapting(self) -> None:
+        """Called by every rank before each adaptation: stops a perturbed run once targets 1..until are scored."""
+        if self.until and bool((tg.all_reduce_(self.count[1 : self.until + 1].clone()) > 0).all()):
+            raise Enough
+
+    def trained(self, targets: Tensor) -> None:
+        self.trains.append((self.clock, targets.reshape(-1).to(self.device)))
+
+    def adapted(self, model) -> None:
+        h = hashlib.sha256()
+        for p in model.parameters():
+            h.update(p.detach().reshape(-1).cpu().view(torch.uint8).numpy())
+        self.hashes.append(int.from_bytes(h.digest()[:7], "big"))
+
+    def finish(self) -> dict:
+        """Reduce over the ranks: a target counts as scored when any rank scored it; a step trained
+        early when a target it used was scored after it (or never)."""
+        MIN, MAX = (tg.dist.ReduceOp.MIN, tg.dist.ReduceOp.MAX) if tg.dist.is_available() else (None, None)
+        for t, op in ((self.nll, None), (self.count, None), (self.rows, None), (self.bad_rows, None), (self.first, MIN), (self.gap, MAX)):
+            tg.all_reduce_(t, op)
+        early = [t[self.first[t] > s] for s, t in self.trains]
+        c3 = torch.tensor([sum(e.numel() for e in early), sum(t.numel() for _, t in self.trains)], device=self.device)
+        first_early = torch.tensor([min([int(e.min()) for e in early if e.numel()] + [2**62])], device=self.device)
+        h = torch.tensor(self.hashes + [0], dtype=torch.int64, device=self.device)
+        lo, hi = tg.all_reduce_(h.clone(), MIN), tg.all_reduce_(h.clone(), MAX)
+        early, trained = tg.all_reduce_(c3).tolist()
+        return dict(nll=self.nll, count=self.count, rows=self.rows, gap=float(self.gap), bad_rows=int(self.bad_rows), steps=self.clock,
+                    early=early, trained_targets=trained, first_early=int(tg.all_reduce_(first_early, MIN)),
+                    adaptations=len(self.hashes), diverged=int((lo != hi).sum()))
+
+
+def tapped(cfg, model, tokens: Tensor, tbytes, rt, watch: list[int], c2: bool = False, until: int = 0) -> tuple[dict, Scores | None]:
+    """One run of the real eval in cfg.eval_mode with the tap on (until > 0: stopped at the first adaptation
+    after targets 1..until are scored); the model is put back after."""
+    global TAP
     start = copy.deepcopy(model.state_dict())
-    a = run_mode(cfg, model, model, tokens, tbytes, rt, track=True)
-    model.load_state_dict(start)
-    changed = tokens.clone()
-    g = torch.Generator().manual_seed(1234)
-    changed[p + 1 :] = (tokens[p + 1 :] + torch.randint(1, cfg.vocab_size, (tokens.numel() - p - 1,), generator=g)) % cfg.vocab_size
-    b = run_mode(cfg, model, model, changed, tbytes, rt, track=True)
-    model.load_state_dict(start)
-    fails = []
-    if not torch.equal(a.nll[1 : p + 1], b.nll[1 : p + 1]):
-        n = int((a.nll[1 : p + 1] != b.nll[1 : p + 1]).sum())
-        fails.append(f"C1/C3 failed: {n} of the {p} scores at or before position {p} changed when only later tokens changed")
-    if not (bool((a.count[1:] == 1).all()) and int(a.count[0]) == 0):
-        fails.append(f"C4 failed: targets scored {int(a.count[1:].min())}..{int(a.count[1:].max())} times (must be exactly once)")
-    with torch.no_grad(), tg.autocast(cfg, rt.device):
-        T = min(cfg.eval_seq_len or cfg.train_seq_len, tokens.numel())
-        lp = torch.log_softmax(model(tokens[:T][None].to(rt.device, torch.int64)).float(), -1)
-    mass = lp.exp().sum(-1)
-    if not torch.allclose(mass, torch.ones_like(mass), atol=1e-4):
-        fails.append(f"C2 failed: the distribution sums to {mass.min().item():.6f}..{mass.max().item():.6f}")
-    return fails
+    TAP = Tap(cfg, tokens.numel(), rt.device, watch, c2, until)
+    try:
+        try:
+            acc = run_mode(cfg, model, model, tokens, tbytes, rt, track=True)
+        except Enough:
+            acc = None
+        return TAP.finish(), acc
+    finally:
+        TAP = None
+        model.load_state_dict(start)
+
+
+def changed_from(tokens: Tensor, lo: int, hi: int, vocab: int) -> Tensor:
+    out, g = tokens.clone(), torch.Generator().manual_seed(1234 + lo)
+    out[lo:hi] = (tokens[lo:hi] + torch.randint(1, vocab, (hi - lo,), generator=g, dtype=torch.int32)) % vocab
+    return out
+
+
+def probe_positions(n: int, T: int, S: int, C: int) -> list[int]:
+    """Perturbation points p (tokens after p change): a chunk boundary -1 and +1, mid-chunk, mid-window and
+    near the end, each moved off multiples of the stride, window and chunk: at an aligned p every window
+    that scores a target <= p ends its input before p, which hides a non-causal model."""
+    c = C if 2 * C < n else max(n // 3, 2)
+    out = set()
+    for p in (c - 1, c + 1, c + c // 2 + 3, 2 * c + T // 2 + S // 2 + 1, n - 3):
+        p = min(max(p, 2), n - 3)
+        while p < n - 2 and any(m > 1 and p % m == 0 for m in (S, T, C)):
+            p += 1
+        out.add(p)
+    return sorted(out)
+
+
+def doc_probe(tokens: Tensor, bos: int, C: int) -> tuple[int, int, int] | None:
+    """(lo, b, e): tokens [lo, b) before a BOS at b to change and the targets b+1..e of its own document to
+    compare, all inside one TTT chunk after the first (scored before any step trained on that chunk)."""
+    n, starts = tokens.numel(), (tokens == bos).nonzero().flatten().tolist()
+    for b in sorted(starts, key=lambda b: (b < C, b)):
+        c = b // C
+        lo, e = max(c * C + 1, b - 16), min([x for x in starts if x > b] + [(c + 1) * C, n - 1])
+        if lo < b < e:
+            return lo, b, e
+    return None
+
+
+@dataclass
+class Verdict:
+    head: str
+    parts: dict  # condition -> (ok, evidence)
+    ok = property(lambda self: all(ok for ok, _ in self.parts.values()))
+    failed = property(lambda self: [f"{k}: {e}" for k, (ok, e) in self.parts.items() if not ok])
+    line = property(lambda self: f"legality_check:{'pass' if self.ok else 'FAIL'} {self.head} | "
+                    + " | ".join(f"{k} {'ok' if ok else 'FAIL'}: {e}" for k, (ok, e) in self.parts.items()))
+
+
+def check_legality(cfg, model, tokens: Tensor, tbytes, rt, key: str = "-") -> Verdict:
+    """Run the real eval on a bounded prefix (8 windows or 3 TTT chunks, two adaptations) once with its tap, then once per
+    probe p with every token after p changed. C1: every scored NLL of a target <= p and the logit row
+    that scores target p+1 stay bit-identical (with eval_doc_isolated also: changing the document before a
+    BOS leaves its own targets unchanged); C2: each scored NLL is logsumexp over all vocab_size logits
+    minus the target's (within C2_TOL); C3: every target a TTT step trained on was scored before that step;
+    C4: each target scored exactly once and the reported NLLs are the scored ones; sync: every rank holds
+    identical params after each adaptation. The model is left as it was."""
+    t0 = time.perf_counter()
+    T, C, V = cfg.eval_seq_len or cfg.train_seq_len, cfg.ttt_chunk_tokens, cfg.vocab_size
+    full, n = tokens.numel(), min(tokens.numel(), max(8 * T, 3 * C) + 1)
+    tokens, probes = tokens[:n], probe_positions(n, T, cfg.eval_stride, C)
+    a, acc = tapped(cfg, model, tokens, tbytes, rt, [p + 1 for p in probes], c2=True)
+    moved, rows, worst = 0, 0, 0.0
+    for i, p in enumerate(probes):
+        b, _ = tapped(cfg, model, changed_from(tokens, p + 1, n, V), tbytes, rt, [p + 1], until=p + 1)
+        diff = (a["nll"][1 : p + 1] - b["nll"][1 : p + 1]).abs()
+        moved, worst = moved + int((diff != 0).sum()), max(worst, float(diff.max()))
+        rows += int(not torch.equal(a["rows"][i], b["rows"][0]))
+    parts = {"C1": (moved == rows == 0, f"{moved} of {sum(probes)} scores of targets <= p and {rows} of {len(probes)} logit rows "
+                    f"of target p+1 changed (max diff {worst:.3g}) at p={','.join(map(str, probes))}")}
+    probe = doc_probe(tokens, cfg.bos_id, C) if cfg.eval_doc_isolated else None
+    if probe:
+        lo, bos, e = probe
+        d, _ = tapped(cfg, model, changed_from(tokens, lo, bos, V), tbytes, rt, [], until=e)
+        moved = int((a["nll"][bos + 1 : e + 1] != d["nll"][bos + 1 : e + 1]).sum())
+        parts["C1-doc"] = (moved == 0, f"{moved} of {e - bos} scores of targets {bos + 1}..{e} changed when tokens {lo}..{bos - 1} "
+                           f"before their BOS at {bos} changed")
+    elif cfg.eval_doc_isolated:
+        parts["C1-doc"] = (False, "no BOS with room to probe in the prefix")
+    parts["C2"] = (a["gap"] <= C2_TOL and a["bad_rows"] == 0, f"max |scored NLL - (logsumexp of {V} logits - target logit)| "
+                   f"{a['gap']:.3g} (tol {C2_TOL:g}); {a['bad_rows']} logit rows not {V} wide or not finite")
+    parts["C3"] = (a["early"] == 0, f"{a['steps']} TTT steps trained on {a['trained_targets']} targets, {a['early']} of them "
+                   "before they were scored" + (f" (first: target {a['first_early']})" if a["early"] else ""))
+    cnt, (nll, count, _) = a["count"][1:], acc.sums.tolist()
+    replaced, total_ok = int((acc.nll != a["nll"]).sum()), abs(nll - float(a["nll"].sum())) <= 1e-9 * abs(nll) and count == n - 1
+    once, never, more = int((cnt == 1).sum()), int((cnt == 0).sum()), int((cnt > 1).sum())
+    parts["C4"] = (once == n - 1 and int(a["count"][0]) == 0 and replaced == 0 and total_ok,
+                   f"{once} of {n - 1} targets scored once, {never} never, {more} more than once; {replaced} reported scores differ "
+                   f"from the first scoring; reported total {'=' if total_ok else '!='} the scored NLL sum over {n - 1} targets")
+    parts["sync"] = (a["diverged"] == 0,
+                     f"params differ across {rt.world_size} rank(s) after {a['diverged']} of {a['adaptations']} adaptations")
+    head = (f"key:{key} mode:{cfg.eval_mode} ranks:{rt.world_size} prefix:{n}/{full} runs:{2 + len(probes) if probe else 1 + len(probes)} "
+            f"time:{time.perf_counter() - t0:.1f}s")
+    return Verdict(head, parts)
+
+
+def eval_key(cfg, artifact: str) -> str:
+    """What a legality check vouches for: the eval/TTT keys (bar the time budget), the artifact and this code."""
+    keys = {f.name: getattr(cfg, f.name) for f in fields(TTTConfig) if f.name != "eval_budget_seconds"}
+    h = hashlib.sha256(repr(sorted(keys.items())).encode())
+    for path in (artifact, __file__):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------
@@ -407,13 +579,13 @@ def main(argv: list[str]) -> None:
     log(f"eval_config: seq_len:{cfg.eval_seq_len or cfg.train_seq_len} stride:{cfg.eval_stride} val_tokens:{tokens.numel()} "
         f"world_size:{rt.world_size} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} epochs:{cfg.ttt_epochs} freeze:{cfg.ttt_freeze_blocks}")
+    key = eval_key(cfg, artifact)
+    log(f"eval_key:{key}")  # a passing legality_check with this key vouches for this eval (make_record reads both)
     if "--check-legality" in flags:
-        # enough tokens for several TTT chunks at the configured size, so adaptation really runs
-        n = max(8 * (cfg.eval_seq_len or cfg.train_seq_len), 4 * cfg.ttt_chunk_tokens) + 1
-        fails = check_legality(cfg, model, tokens[: min(tokens.numel(), n)], tbytes, rt)
-        log("legality_check:" + ("pass C1 C2 C3 C4" if not fails else " FAIL " + "; ".join(fails)) + f" mode:{cfg.eval_mode}")
-        if fails:
-            raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {fails[0]}")
+        verdict = check_legality(cfg, model, tokens, tbytes, rt, key)
+        log(verdict.line)
+        if not verdict.ok:
+            raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {verdict.failed[0]}")
         return
     if use_compile:  # compile warmup on random tokens only: real val tokens must not be trained on early
         t = time.perf_counter()
