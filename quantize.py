@@ -46,30 +46,30 @@ class QuantConfig:
     """The artifact knobs. train_gpt.py merges them into its one flat, typed config namespace (TOML,
     UPPER_CASE env vars, --key=value); here they sit next to the code that reads them."""
     quant_scheme: str = "int8"  # int8 = the official baseline; mixed = per-group bits and clip rule
-    quant_bits_attn: int = 6
-    quant_bits_mlp: int = 6
-    quant_bits_embed: int = 8
-    quant_bits_other: int = 8
+    quant_bits_attn: int = 6  # bits of the attention matrices (5..8)
+    quant_bits_mlp: int = 6  # bits of the MLP matrices (5..8)
+    quant_bits_embed: int = 8  # bits of the embedding (5..8)
+    quant_bits_other: int = 8  # bits of the other matrices (5..8)
     quant_clip: str = "gptq_lite"  # max | percentile | gptq_lite | sdclip
-    quant_clip_percentile: float = 0.9999984
-    sdclip_k_attn: float = 13.0
-    sdclip_k_mlp: float = 11.5
-    sdclip_k_embed: float = 14.0
-    sdclip_k_other: float = 20.0
+    quant_clip_percentile: float = 0.9999984  # row quantile of |w| that sets the scale (quant_clip=percentile)
+    sdclip_k_attn: float = 13.0  # SDClip: scale = k * row std, attention matrices
+    sdclip_k_mlp: float = 11.5  # SDClip k, MLP matrices
+    sdclip_k_embed: float = 14.0  # SDClip k, embedding
+    sdclip_k_other: float = 20.0  # SDClip k, other matrices
     quant_keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # float tensors this small are stored as floats
     gptq: bool = False  # full-Hessian GPTQ for attn/mlp (and the embedding with quant_gptq_embed)
-    gptq_damp: float = 0.01
-    gptq_block: int = 128
-    gptq_act_order: bool = True
-    quant_gptq_embed: bool = False
+    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    gptq_block: int = 128  # GPTQ column block size
+    gptq_act_order: bool = True  # GPTQ quantizes columns in descending Hessian-diagonal order
+    quant_gptq_embed: bool = False  # GPTQ also quantizes the embedding
     gptq_calib_batches: int = 16  # calibration batches of train_batch_tokens / grad_accum tokens per rank
     gptq_calib_source: str = "train"  # train (training shards) | self (text the model generates); never val
     gptq_reserve_seconds: float = 0.0  # carved out of max_wallclock_seconds: calibration runs inside the 600 s
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
-    lqer_top_k: int = 3
-    lqer_bits: int = 4
+    lqer_top_k: int = 3  # matrices that get an LQER correction
+    lqer_bits: int = 4  # bits of the LQER factors (2..8)
     compressor: str = "zlib"  # zlib | lzma | zstd | brotli
-    byte_shuffle: bool = False
+    byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
     code_packed: bool = False  # count code bytes of the packed (minified, lzma, base85) twins
     record_mode: bool = False  # over the 16,000,000-byte cap is an error, not a warning
 

@@ -45,44 +45,44 @@ CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  #
 @dataclass
 class Config:
     # data and run identity
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # dataset dir holding fineweb_{train,val}_NNNNNN.bin shards (and manifest.json)
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece .model the shards were made with
     run_id: str = ""  # "" -> a fresh id; logs go to logs/<run_id>.txt
     out_dir: str = ""  # "" -> runs/<run_id>; checkpoints and the artifact land here
-    seed: int = 1337
+    seed: int = 1337  # seeds Python, numpy and torch (model init, GPTQ self-calibration)
     data_check_train_shards: int = 1  # train shards scanned for val documents at start (0 = skip)
     # schedule and batch
-    iterations: int = 20000
-    warmdown_iters: int = 1200
+    iterations: int = 20000  # optimizer steps, unless max_wallclock_seconds stops training first
+    warmdown_iters: int = 1200  # steps of linear LR decay at the end (iter_warmdown; converted to wallclock under a cap)
     warmup_steps: int = 20  # compile-priming steps, reverted afterwards; not an LR warmup
     train_batch_tokens: int = 524288  # global tokens per optimizer step
-    train_seq_len: int = 1024
+    train_seq_len: int = 1024  # tokens per training sequence
     max_wallclock_seconds: float = 600.0  # <= 0 disables the cap
     virtual_world_size: int = 8  # grad_accum = virtual_world_size // WORLD_SIZE: same batch on 1..8 GPUs
     # eval and logging
-    val_batch_size: int = 524288
-    val_loss_every: int = 1000
-    train_log_every: int = 200
+    val_batch_size: int = 524288  # global tokens per validation batch
+    val_loss_every: int = 1000  # steps between validation evals during training (0 = only at the end)
+    train_log_every: int = 200  # steps between train_loss log lines
     # model (defaults = the baseline; every record technique is off until a config turns it on)
-    vocab_size: int = 1024
-    bos_id: int = 1
-    num_layers: int = 9
+    vocab_size: int = 1024  # model vocabulary; must equal the tokenizer's
+    bos_id: int = 1  # document-start token id; must equal the tokenizer's
+    num_layers: int = 9  # transformer blocks
     num_cores: int = 0  # distinct weight cores; layer i uses core i % num_cores (PR #526); 0 = num_layers
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (fewer than num_heads = GQA)
+    mlp_mult: float = 2.0  # MLP hidden width = mlp_mult * model_dim
     mlp_act: str = "relu2"  # relu2 | lrelu2 | silu2 (squared activations)
-    mlp_leaky_slope: float = 0.5
-    tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
+    mlp_leaky_slope: float = 0.5  # negative slope of lrelu2
+    tie_embeddings: bool = True  # the output head reuses the input embedding
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding
     ortho_init: bool = False  # Q, K, V, up and side projections orthogonal
     embed_scale: bool = False  # learnable per-dim scale before the input norm (PR #1812)
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE base frequency
     rope_dims: int = 0  # rotary dims per head (records: 16 of 64); 0 = all
     rope_ntk_len: int = 0  # NTK-rescale the base for windows longer than this (0 = off); SP1024-era scripts used 1024
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0  # logits = softcap * tanh(logits / softcap)
+    qk_gain_init: float = 1.5  # initial per-head query gain
     qk_gain_split: bool = False  # separate q gains for rope and nope dims (PR #1812)
     xsa_last_n: int = 0  # exclusive self attention on the last N layers
     ln_scale: bool = False  # sublayer inputs scaled by 1/sqrt(layer+1)
@@ -92,16 +92,16 @@ class Config:
     gate_window: int = 12  # residual dims read by smear v3 and the sparse attention gates
     bos_mask: bool = True  # smear/bigram never mix a token with the one before a BOS
     bigram_buckets: int = 0  # BigramHash table rows (0 = off)
-    bigram_dim: int = 128
+    bigram_dim: int = 128  # BigramHash embedding width
     ve_layers: str = ""  # value embeddings on these layers, e.g. "9,10"
-    ve_dim: int = 128
+    ve_dim: int = 128  # value-embedding width
     attn_gate: str = "none"  # none | dense | sparse | out2 (per-head output gates)
-    attn_gate_scale: float = 1.0
+    attn_gate_scale: float = 1.0  # dense/sparse attention gates: sigmoid(attn_gate_scale * z)
     parallel_start: int = -1  # parallel residuals from this layer (-1 = off)
     parallel_mode: str = "two_lane"  # gptj | two_lane (learned routing) | lanes (PR #1334, lane_merge)
     loop_start: int = -1  # depth recurrence: layers loop_start..loop_end run num_loops extra times
-    loop_end: int = -1
-    num_loops: int = 0
+    loop_end: int = -1  # last looped layer (inclusive)
+    num_loops: int = 0  # extra passes over loop_start..loop_end (0 = no depth recurrence)
     loop_at_frac: float = 0.0  # ...once this fraction of the training clock has passed
     loop_at_step: int = 0  # ...or this step (0 = use loop_at_frac)
     loop_ln_scale: bool = False  # looped layers' ln scale / sqrt(num_loops+1) (PR #1812)
@@ -109,38 +109,38 @@ class Config:
     attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | fa3 | sdpa
     doc_attention: bool = False  # attention never crosses a BOS
     # optimizers
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_backend_steps: int = 5
+    embed_lr: float = 0.6  # AdamW LR of an untied input embedding
+    head_lr: float = 0.008  # AdamW LR of an untied output head
+    tied_embed_lr: float = 0.05  # AdamW LR of the tied embedding
+    matrix_lr: float = 0.04  # Muon LR of the 2-D matrices
+    scalar_lr: float = 0.04  # AdamW LR of the scalars, gains and control tensors
+    muon_momentum: float = 0.95  # Muon momentum after its warmup
+    muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon step
     muon_ns: str = "ns5"  # ns5 | polar (Polar Express coefficients)
     muon_row_norm: bool = False  # MuonEq-R
-    muon_wd: float = 0.0
+    muon_wd: float = 0.0  # Muon decoupled weight decay
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
     muon_momentum_dtype: str = "fp32"  # fp32 | bf16
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
+    muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 500  # steps of linear Muon momentum warmup
     muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    embed_wd: float = 0.0
-    adam_wd: float = 0.0
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    embed_wd: float = 0.0  # AdamW weight decay of the embeddings
+    adam_wd: float = 0.0  # AdamW weight decay of the scalar group
     adam_matrix_patterns: str = ""  # 2-D params whose names contain these go to scalar AdamW, not Muon
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = 0.0  # global grad-norm clip (0 = off)
     lr_schedule: str = "iter_warmdown"  # iter_warmdown | frac_warmdown | cosine
-    warmdown_frac: float = 0.0
-    min_lr: float = 0.0
+    warmdown_frac: float = 0.0  # frac_warmdown: fraction of the training clock spent in LR warmdown
+    min_lr: float = 0.0  # LR multiplier floor of frac_warmdown and cosine
     weight_average: str = "none"  # none | ema | swa: which average replaces the weights at the end
-    ema_decay: float = 0.997
-    swa_every: int = 50
-    swa_lr_threshold: float = 0.2
+    ema_decay: float = 0.997  # EMA decay per step (weight_average=ema)
+    swa_every: int = 50  # steps between SWA snapshots (weight_average=swa)
+    swa_lr_threshold: float = 0.2  # SWA collects once the LR multiplier is below this
     qat: bool = False  # late STE QAT on the bank matrices, on the export grid
-    qat_lr_threshold: float = 0.15
-    control_tensor_name_patterns: str = (
+    qat_lr_threshold: float = 0.15  # late QAT switches on once the LR multiplier is below this
+    control_tensor_name_patterns: str = (  # comma-separated name parts of control tensors (AdamW, kept float)
         "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,"
         "skip_gates,attn_gate,smear,parallel_,lane_merge,embed_scale,bigram.scale,ve.scale,ve_layer_scales"
     )
@@ -149,7 +149,7 @@ class Config:
     autocast_dtype: str = "bf16"  # bf16 | fp32
     compile: bool = True  # torch.compile(fullgraph) on CUDA; CPU always runs eager
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest resumable checkpoints kept in out_dir
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 

@@ -36,21 +36,21 @@ class TTTConfig:
     eval_mode: str = "sliding"  # sliding | legal_ttt | multipass_min | prequant_ttt
     eval_seq_len: int = 0  # window length (0 = train_seq_len)
     eval_stride: int = 64  # scored positions per window after the first
-    eval_batch_seqs: int = 32
+    eval_batch_seqs: int = 32  # windows per scoring batch
     eval_doc_isolated: bool = False  # no attention across BOS inside a window
     eval_sliding_first: bool = True  # TTT modes also log the sliding score of the untouched artifact
-    eval_budget_seconds: float = 600.0
-    ttt_chunk_tokens: int = 32768
+    eval_budget_seconds: float = 600.0  # eval wallclock budget the log's verdict checks
+    ttt_chunk_tokens: int = 32768  # tokens per TTT chunk: scored, then trained on
     ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_nesterov: bool = False
-    ttt_wd: float = 0.0
-    ttt_epochs: int = 3
+    ttt_lr: float = 0.002  # peak TTT LR (cosine over chunks)
+    ttt_momentum: float = 0.9  # SGD momentum of TTT
+    ttt_nesterov: bool = False  # Nesterov momentum for TTT SGD
+    ttt_wd: float = 0.0  # TTT weight decay
+    ttt_epochs: int = 3  # epochs over each chunk after it is scored
     ttt_batch_seqs: int = 32  # sequences per TTT step, over all ranks together
     ttt_freeze_blocks: int = 0  # the first N blocks (their scalars and their cores' bank slices) stay fixed
     ttt_min_numel: int = 0  # adapt only tensors with at least this many elements (PR #1812: 10,000)
-    ttt_grad_clip: float = 1.0
+    ttt_grad_clip: float = 1.0  # TTT grad-norm clip (0 = off)
     ttt_zloss: float = 0.0  # + z * logsumexp^2 in the TTT loss (PR #1812: 1e-5)
     ttt_passes: int = 3  # multipass_min trajectories
 
