@@ -3,8 +3,11 @@ dataset integrity check, the val stream and the byte accounting behind val_bpb. 
 this file ships in every record folder next to train_gpt.py."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -131,6 +134,26 @@ def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], 
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards)
+
+def dataset_fingerprint(val_stream: np.ndarray, tokenizer_path) -> dict:
+    """What a score depends on, stored in the artifact: ttt_eval.py refuses other val tokens or another tokenizer."""
+    return {"val_sha256": hashlib.sha256(val_stream.tobytes()).hexdigest(), "val_tokens": int(val_stream.size),
+            "tokenizer_sha256": hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()}
+
+def check_outputs(dirs, need_bytes: int = 0) -> None:
+    """Every output dir can be created and written, with need_bytes free: found at start, not at a trained run's last write."""
+    for d in map(Path, dirs):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            free = shutil.disk_usage(d).free
+        except OSError as e:
+            raise ValueError(f"output dir {d} is not writable ({e.strerror or e}); set out_dir, or run from a writable directory") from None
+        if free < need_bytes:
+            raise ValueError(f"output dir {d} has {free / 2**20:,.0f} MiB free; checkpoints and the artifact need about "
+                             f"{need_bytes / 2**20:,.0f} MiB: free some space or set out_dir elsewhere")
 
 def load_val_stream(files: list[Path], vocab_size: int) -> np.ndarray:
     """All val shards in sorted order (the whole stream, before any truncation)."""

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -164,6 +165,18 @@ def config_class() -> type:
             extra += [(f.name, f.type, field(default=f.default)) for f in fields(getattr(importlib.import_module(mod), name))]
     return make_dataclass("RunConfig", extra, bases=(Config,)) if extra else Config
 
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """{key: the comment on its field}: the one source of each key's --help line and of its allowed values."""
+    rx, keys = re.compile(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", re.M), config_field_types()
+    return {k: doc for n in CODE_FILES if (HERE / n).is_file() for k, doc in rx.findall((HERE / n).read_text()) if k in keys}
+
+def help_text(usage: str, keys=None) -> str:
+    docs = field_docs()
+    return (usage.rstrip() + "\nconfig keys (--key=value, env var KEY in upper case, or in the TOML file), default (type): meaning\n"
+            + "\n".join(f"  --{f.name}={f.default!r} ({f.type}): {docs.get(f.name, '')}" for f in fields(config_class())
+                         if keys is None or f.name in keys))
+
 def config_field_types() -> dict[str, type]:
     return {f.name: _TYPES[f.type] for f in fields(config_class())}
 
@@ -239,21 +252,23 @@ def validate_config(c: Config) -> None:
     need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
-    for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
-                         ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
-                         ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
-                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32")):
-        need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
+    for f in fields(c):  # a str key whose comment lists choices as 'a (why) | b | c; note' accepts only a, b, c
+        parts = field_docs().get(f.name, "").split(";")[0].split(" | ")
+        allowed = [re.match(r"\s*([\w.-]*)", x)[1] for x in parts] if f.type == "str" and len(parts) > 1 else []
+        need(not allowed or getattr(c, f.name) in allowed, f"{f.name} must be one of {', '.join(allowed)}; got '{getattr(c, f.name)}'")
+    if hasattr(c, "quant_scheme"):  # quantize.py's own checks (bits per group, ...): a dry run rejects what a run would
+        importlib.import_module("quantize").quant_settings(asdict(c))
 
-def parse_cli(argv: list[str], paths: tuple = ("config", "resume")) -> tuple[dict, dict]:
+USAGE = ("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: check the whole config, "
+         "print model_params and the resolved config, train nothing\n  --resume: continue from a checkpoint")
+
+def parse_cli(argv: list[str], paths: tuple = ("config", "resume"), usage: str = USAGE, keys=None) -> tuple[dict, dict]:
     """--config FILE, --resume CKPT, --dry-run, --key=value (or --key value; a bare --flag is true)."""
     opts, overrides, i = {"dry_run": False, **dict.fromkeys(paths)}, {}, 0
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
-            print("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: print model_params "
-                  "and the resolved config; --resume: continue from a checkpoint\nconfig keys (env var = KEY in upper case):\n"
-                  + "\n".join(f"  --{f.name}={f.default!r}  ({f.type})" for f in fields(config_class())))
+            print(help_text(usage, keys))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument '{arg}': options look like --key=value")
@@ -319,7 +334,7 @@ def sync(device: torch.device) -> None:
 sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
-    bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
+    bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer, load_val_stream,
     read_shard_header, shard_files, target_bytes, usable_val)
 
 # -----------------------------------------------------------------------------
@@ -968,9 +983,12 @@ def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     log(f"hardware:{f'{gpus}x{torch.cuda.get_device_name(0)}' if gpus else 'cpu'} world_size:{os.environ.get('WORLD_SIZE', '1')}")
     log(f"argv:{' '.join(sys.argv)}")
-    log(f"config:{json.dumps(asdict(cfg), sort_keys=True)}")
+    log(f"config:{json.dumps(asdict(cfg), sort_keys=True)}", console=False)
     if sources:
-        log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())))
+        log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())), console=False)
+    kinds = ["env" if v.startswith("env") else v for v in sources.values()]
+    log(f"config_summary: {', '.join(f'{kinds.count(k)} keys from {k}' for k in sorted(set(kinds))) or 'all defaults'}; "
+        f"the resolved config is in {log.path}")
     return texts
 
 # -----------------------------------------------------------------------------
@@ -989,6 +1007,7 @@ class Run:
     loader: DistributedTokenLoader
     out_dir: Path
     sources: dict  # the code files as logged at start
+    dataset: dict  # dataset_fingerprint of the val shards and tokenizer: the artifact records it
     step: int = 0
     train_ms: float = 0.0
 
@@ -1012,12 +1031,9 @@ def save_checkpoint(r: Run) -> None:
     r.log(f"checkpoint:{path} step:{r.step}")
 
 def load_checkpoint(path: str) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} not found") from None
-    except Exception as e:  # truncated zip, foreign pickle, ...
-        raise ValueError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}: {e})") from None
+    import quantize
+
+    ck = quantize.load_torch(path, "checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "pgolf-ckpt/2":
         raise ValueError(f"{path} is not a checkpoint written by this train_gpt.py")
     return ck
@@ -1088,6 +1104,8 @@ def main(argv: list[str]) -> None:
         obj = [cfg.run_id]
         dist.broadcast_object_list(obj, src=0)
         cfg.run_id = obj[0]
+    out_dir = Path(cfg.out_dir or Path("runs") / cfg.run_id)
+    check_outputs(["logs", out_dir] if rt.is_main else [])  # before any data is read or anything compiled
     log = Logger(rt, cfg.run_id, append=ck is not None)
     if ck is not None:
         log(f"resume:{opts['resume']} step:{ck['step']}")
@@ -1116,9 +1134,10 @@ def main(argv: list[str]) -> None:
     if use_compile:
         opt.ns = torch.compile(orthogonalize)
     r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), DistributedTokenLoader(train_files, rt, cfg.vocab_size),
-            Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
+            out_dir, texts, dataset_fingerprint(val_stream, cfg.tokenizer_path))
     peak, backend = peak_flops(rt.device), attention_backend(cfg, rt.device)
-    log(f"model_params:{count_params(base)}")
+    log(f"model_params:{count_params(base)}")  # <= 16 bytes/param per checkpoint (weights, optimizer, average), keep+1 at once
+    check_outputs([out_dir] if rt.is_main else [], count_params(base) * (16 * cfg.keep_checkpoints + 20) + SIZE_CAP_BYTES)
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
     log(f"attention_backend:{backend}" + ("" if backend == "fa3" or rt.device.type != "cuda" else
         " WARNING: FlashAttention 3 not in use on CUDA (not importable, doc_attention, or attn_backend=sdpa): expect slower steps"))
@@ -1142,7 +1161,10 @@ def main(argv: list[str]) -> None:
     pre_bpb = train_loop(r, val_tokens, luts, peak)
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    finish(r, val_tokens, luts, pre_bpb)
+    try:
+        finish(r, val_tokens, luts, pre_bpb)
+    except OSError as e:
+        raise OSError(rescue(r, e)) from None
 
 class StopVote:
     """The stop decision and schedule clock all ranks share, without a host sync in the step: the host
@@ -1288,9 +1310,9 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
         raw_bytes = (r.out_dir / "final_model.pt").stat().st_size
         log(f"Serialized model: {raw_bytes} bytes")
         log(f"Code size: {code_bytes} bytes ({code_detail})")
-        log(f"Total submission size: {raw_bytes + code_bytes} bytes")
+        log(f"Total submission size: {raw_bytes + code_bytes} bytes (unquantized final_model.pt + code: not what is submitted)")
         t = time.perf_counter()
-        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians)
+        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians, dataset=r.dataset)
         tag = f"{cfg.quant_scheme}+{cfg.compressor}"
         log(f"artifact:{art_path}")
         log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
@@ -1298,7 +1320,7 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
         for line in quantize.group_table(st, cfg.compressor, cfg.byte_shuffle):
             log(f"quant_table: {line}")
         total = st["artifact_bytes"] + code_bytes
-        log(f"Total submission size {tag}: {total} bytes")
+        log(f"Total submission size {tag}: {total} bytes (artifact + code: the size the {SIZE_CAP_BYTES:,}-byte cap counts)")
         log(f"bits_per_param:{8 * st['artifact_bytes'] / count_params(r.base):.3f} (artifact bytes * 8 / {count_params(r.base)} params)")
         log(quantize.check_budget(total, cfg.record_mode) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
     sync(rt.device)  # the artifact is on disk before any rank reads it
@@ -1313,12 +1335,23 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     log(f"quant_gap val_bpb:{val_bpb - pre_bpb:+.6f} (roundtrip {val_bpb:.6f} - pre-quant {pre_bpb:.6f})")
     sync(rt.device)  # gloo aborts if one rank tears down while a peer is still in a collective
 
+def rescue(r: Run, err: OSError) -> str:
+    """A failed final write must not lose a trained model: its weights go to the first place that takes them."""
+    ck = {"model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "config": asdict(r.cfg)}
+    for d in (r.out_dir, Path("logs"), Path(os.environ.get("TMPDIR", "/tmp"))):
+        try:
+            atomic_save(ck, d / f"{r.cfg.run_id}_rescued_weights.pt")
+            return f"{err}; the trained weights are in {d / f'{r.cfg.run_id}_rescued_weights.pt'} (quantize.py FILE --out A.ptz makes the artifact)"
+        except OSError:
+            continue
+    return f"{err}; the trained weights could not be saved anywhere either"
+
 def run_cli(main_fn) -> None:
     """User errors end in one line and exit 2; the process group is torn down on every path."""
     code = 0
     try:
         main_fn(sys.argv[1:])
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:  # bad input, data, artifact, path or disk: DataError, ArtifactError, ...
         print(f"error: {e}", file=sys.stderr)
         code = 2
     if dist.is_available() and dist.is_initialized():
