@@ -19,6 +19,7 @@ import hashlib
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -349,6 +350,17 @@ def check_legality(cfg, model, tokens: Tensor, luts, rt, p: int | None = None) -
 # CLI
 
 
+FLAGS = """
+flags:
+  --artifact FILE.ptz     the artifact to score (required); its config sets every model key
+  --config FILE.toml      eval/TTT keys (model keys in it are ignored with a note)
+  --check-legality        run C1-C4 on a short stream instead of scoring, then exit
+  --allow-illegal         let eval_mode=prequant_ttt run (a non-record score)
+  --allow-data-mismatch   score val shards / a tokenizer other than the artifact's fingerprint (refused in record_mode)
+Each eval is one block in the log: eval_start ... block:ID, then eval_end block:ID status:ok|failed.
+"""
+
+
 def load(cfg_path, overrides, artifact: str):
     import quantize
 
@@ -356,18 +368,33 @@ def load(cfg_path, overrides, artifact: str):
     cfg, notes = resolve_config(art_cfg, cfg_path, overrides)
     if cfg.eval_doc_isolated:
         cfg.doc_attention = True
-    return cfg, notes, state
+    return cfg, notes, state, header.get("dataset") or {}
+
+
+def check_data(cfg, want: dict, stream: np.ndarray, allow: bool, log) -> None:
+    """Score only the val tokens and tokenizer the artifact was made with (its dataset fingerprint)."""
+    if not want:
+        return log("eval_note:the artifact records no dataset fingerprint (written before it did): val data not verified")
+    got = tg.dataset_fingerprint(stream, cfg.tokenizer_path)
+    diff = [f"{k} {str(got[k])[:16]} != {str(want.get(k))[:16]}" for k in got if got[k] != want.get(k)]
+    if not diff:
+        return log(f"eval_data:matches the artifact's fingerprint val_sha256={got['val_sha256'][:16]} val_tokens:{got['val_tokens']}")
+    msg = f"data_path={cfg.data_path} tokenizer_path={cfg.tokenizer_path} are not the data this artifact was made with ({', '.join(diff)})"
+    if cfg.record_mode or not allow:
+        raise tg.DataError(msg + ("; record_mode refuses --allow-data-mismatch" if allow else
+                                  "; point data_path/tokenizer_path at its dataset (or --allow-data-mismatch, never a record)"))
+    log(f"eval_data:MISMATCH {msg}; --allow-data-mismatch: this score is not comparable to the artifact's and is no record")
 
 
 def main(argv: list[str]) -> None:
     t_all = time.perf_counter()
-    flags = {a for a in argv if a in ("--check-legality", "--allow-illegal")}
+    flags = {a for a in argv if a in ("--check-legality", "--allow-illegal", "--allow-data-mismatch")}
     argv = [a for a in argv if a not in flags]
-    opts, overrides = tg.parse_cli(argv, ("config", "artifact"))
+    opts, overrides = tg.parse_cli(argv, ("config", "artifact"), usage=__doc__ + FLAGS, keys=EVAL_KEYS)
     artifact = opts["artifact"]
     if not artifact:
-        raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz")
-    cfg, notes, state = load(opts["config"], overrides, artifact)
+        raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz (see ttt_eval.py -h)")
+    cfg, notes, state, dataset = load(opts["config"], overrides, artifact)
     legality = MODES[cfg.eval_mode]
     if legality != "legal" and cfg.record_mode:
         raise ValueError(f"eval_mode={cfg.eval_mode} is not a legal record eval ({WHY[cfg.eval_mode]}); record_mode refuses it")
@@ -375,7 +402,18 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"eval_mode=prequant_ttt {WHY['prequant_ttt']}; it runs only with --allow-illegal, as a non-record")
     rt = tg.init_runtime(cfg)
     log = tg.Logger(rt, cfg.run_id or "eval", append=True)
-    log(f"eval_start artifact:{artifact} bytes:{Path(artifact).stat().st_size} mode:{cfg.eval_mode} legality:{legality}")
+    block = uuid.uuid4().hex[:8]  # a later eval of the same log never mixes with this one
+    log(f"eval_start artifact:{artifact} bytes:{Path(artifact).stat().st_size} mode:{cfg.eval_mode} legality:{legality} block:{block}")
+    try:
+        result = evaluate(cfg, rt, log, state, dataset, flags, notes, legality, t_all)
+    except BaseException as e:  # the block ends in the log on every way out (kill -9 aside: a block without an end is incomplete)
+        log(f"eval_end block:{block} status:failed error:{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        raise
+    log(f"eval_end block:{block} status:ok {result}")
+
+
+def evaluate(cfg, rt, log, state, dataset: dict, flags: set, notes: list, legality: str, t_all: float) -> str:
+    """One eval block's work; returns what its end marker records."""
     src = Path(__file__).read_bytes()
     log(f"eval_code:ttt_eval.py bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]} argv:{' '.join(sys.argv)}")
     for n in notes:
@@ -384,7 +422,9 @@ def main(argv: list[str]) -> None:
         log(f"eval_legality:{legality} reason:{WHY[cfg.eval_mode]}")
     sp = tg.load_tokenizer(cfg)
     luts = tuple(torch.from_numpy(a).to(rt.device) for a in tg.build_byte_luts(sp, cfg.vocab_size))
-    tokens = torch.from_numpy(tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size).astype(np.int32))
+    stream = tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size)
+    check_data(cfg, dataset, stream, "--allow-data-mismatch" in flags, log)
+    tokens = torch.from_numpy(stream.astype(np.int32))
     model = tg.GPT(cfg)
     model.load_state_dict(tg.rebank(state), strict=True)
     model.looping = cfg.num_loops > 0
@@ -402,7 +442,7 @@ def main(argv: list[str]) -> None:
         log("legality_check:" + ("pass C1 C2 C3 C4" if not fails else " FAIL " + "; ".join(fails)) + f" mode:{cfg.eval_mode}")
         if fails:
             raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {fails[0]}")
-        return
+        return f"legality_check:pass mode:{cfg.eval_mode}"
     if use_compile:  # compile warmup on random tokens only: real val tokens must not be trained on early
         t = time.perf_counter()
         start = copy.deepcopy(model.state_dict())
@@ -427,6 +467,7 @@ def main(argv: list[str]) -> None:
     log(f"eval_wallclock:{wall:.1f}s budget:{cfg.eval_budget_seconds:.0f}s verdict:{'ok' if wall <= cfg.eval_budget_seconds else 'OVER'}")
     if tg.dist.is_available() and tg.dist.is_initialized():
         tg.dist.barrier()
+    return f"score:{name} val_bpb:{bpb:.8f}"
 
 
 if __name__ == "__main__":
