@@ -133,7 +133,8 @@ def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], 
     spec = importlib.util.spec_from_file_location("pgolf_prepare", path)
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards)
+    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards,
+                                 cfg.record_mode)
 
 def dataset_fingerprint(val_stream: np.ndarray, tokenizer_path) -> dict:
     """What a score depends on, stored in the artifact: ttt_eval.py refuses other val tokens or another tokenizer."""
