@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-FIX_HINT = "re-create it with `python data/prepare.py` (download / text / sample)"
+FIX_HINT = "re-create it with `python3 data/prepare.py` (download / text / sample)"
 
 class DataError(ValueError):
     """Missing or corrupt data; the message names the file and what to do."""
@@ -52,8 +52,8 @@ def load_shard(path) -> np.ndarray:
 def shard_files(data_path: str, split: str) -> list[Path]:
     files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not files:
-        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
-                        "(or `python data/prepare.py sample` for the offline sample) and check data_path")
+        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python3 data/prepare.py download --variant sp1024` "
+                        "(or `python3 data/prepare.py sample` for the offline sample) and check data_path")
     return files
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where) -> None:

@@ -7,7 +7,7 @@ sdclip, optional full-Hessian GPTQ and LQER. Every width is stored one value per
 entropy coder recovers the unused bits; bit-packing measured 16-21% larger).
 File = MAGIC | u16 version | u8 flags (bit 0: byte shuffle) | u8 n | compressor name | u32 crc32 |
 u64 container length | compressed container; container = u32 n | JSON header | raw tensor bytes.
-CLI: python quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
+CLI: python3 quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
 """
 from __future__ import annotations
 

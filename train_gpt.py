@@ -1,7 +1,7 @@
 """Parameter Golf trainer: config, model, optimizers, training loop, artifact.
 
 Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py --config configs/baseline.toml
-         python train_gpt.py --config configs/smoke.toml        (one process, CPU or GPU)
+         python3 train_gpt.py --config configs/smoke.toml        (one process, CPU or GPU)
 Config sources, later wins: Config defaults < TOML file < env vars named like the field in
 UPPER_CASE (NUM_LAYERS, SEED, ...) < --key=value flags. Importing this file does no work.
 """
@@ -171,12 +171,6 @@ def field_docs() -> dict[str, str]:
     rx, keys = re.compile(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", re.M), config_field_types()
     return {k: doc for n in CODE_FILES if (HERE / n).is_file() for k, doc in rx.findall((HERE / n).read_text()) if k in keys}
 
-def help_text(usage: str, keys=None) -> str:
-    docs = field_docs()
-    return (usage.rstrip() + "\nconfig keys (--key=value, env var KEY in upper case, or in the TOML file), default (type): meaning\n"
-            + "\n".join(f"  --{f.name}={f.default!r} ({f.type}): {docs.get(f.name, '')}" for f in fields(config_class())
-                         if keys is None or f.name in keys))
-
 def config_field_types() -> dict[str, type]:
     return {f.name: _TYPES[f.type] for f in fields(config_class())}
 
@@ -202,7 +196,7 @@ def _check_key(key: str, types: dict, source: str) -> None:
     if key not in types:
         near = difflib.get_close_matches(key, list(types), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown config key '{key}' in {source}{hint}; see `python train_gpt.py --help`")
+        raise ValueError(f"unknown config key '{key}' in {source}{hint}; see `python3 train_gpt.py --help`")
 
 def load_config(path: str | None = None, overrides: dict | None = None, environ=None) -> tuple[Config, dict]:
     """Resolve a Config; returns it and {key: source} for every key not left at its default."""
@@ -268,7 +262,9 @@ def parse_cli(argv: list[str], paths: tuple = ("config", "resume"), usage: str =
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
-            print(help_text(usage, keys))
+            print(usage.rstrip() + "\nconfig keys (--key=value, env var KEY in upper case, or in the TOML file), default (type): meaning\n"
+                  + "\n".join(f"  --{f.name}={f.default!r} ({f.type}): {field_docs().get(f.name, '')}" for f in fields(config_class())
+                               if keys is None or f.name in keys))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument '{arg}': options look like --key=value")
@@ -334,8 +330,8 @@ def sync(device: torch.device) -> None:
 sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
-    bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer, load_val_stream,
-    read_shard_header, shard_files, target_bytes, usable_val)
+    bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer,
+    load_val_stream, read_shard_header, shard_files, target_bytes, usable_val)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -1163,8 +1159,12 @@ def main(argv: list[str]) -> None:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     try:
         finish(r, val_tokens, luts, pre_bpb)
-    except OSError as e:
-        raise OSError(rescue(r, e)) from None
+    except Exception as e:  # whatever breaks the final writes (torch.save reports a full disk as RuntimeError), the weights survive
+        note = rescue(r, e)
+        if isinstance(e, OSError):
+            raise OSError(note) from None
+        print(f"error: {note}", file=sys.stderr)
+        raise
 
 class StopVote:
     """The stop decision and schedule clock all ranks share, without a host sync in the step: the host
@@ -1335,14 +1335,14 @@ def finish(r: Run, val_tokens: Tensor, luts, pre_bpb: float) -> None:
     log(f"quant_gap val_bpb:{val_bpb - pre_bpb:+.6f} (roundtrip {val_bpb:.6f} - pre-quant {pre_bpb:.6f})")
     sync(rt.device)  # gloo aborts if one rank tears down while a peer is still in a collective
 
-def rescue(r: Run, err: OSError) -> str:
+def rescue(r: Run, err: Exception) -> str:
     """A failed final write must not lose a trained model: its weights go to the first place that takes them."""
     ck = {"model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "config": asdict(r.cfg)}
-    for d in (r.out_dir, Path("logs"), Path(os.environ.get("TMPDIR", "/tmp"))):
+    for path in (Path(d) / f"{r.cfg.run_id}_rescued_weights.pt" for d in (r.out_dir, "logs", os.environ.get("TMPDIR", "/tmp"))):
         try:
-            atomic_save(ck, d / f"{r.cfg.run_id}_rescued_weights.pt")
-            return f"{err}; the trained weights are in {d / f'{r.cfg.run_id}_rescued_weights.pt'} (quantize.py FILE --out A.ptz makes the artifact)"
-        except OSError:
+            atomic_save(ck, path)
+            return f"{err}; the trained weights are in {path} (`python3 quantize.py {path} --out A.ptz` makes the artifact)"
+        except (OSError, RuntimeError):  # torch.save: RuntimeError for a missing dir or a failed write
             continue
     return f"{err}; the trained weights could not be saved anywhere either"
 

@@ -1,8 +1,8 @@
 """ttt_eval.py: score an artifact on the whole val set - sliding windows and legal score-first TTT.
 
   torchrun --standalone --nproc_per_node=8 ttt_eval.py --artifact runs/ID/final_model.mixed.ptz [--config X.toml]
-  python ttt_eval.py --artifact A --eval_mode=sliding          # one process, CPU or GPU
-  python ttt_eval.py --artifact A --check-legality             # C1-C4 on a short stream, then exit
+  python3 ttt_eval.py --artifact A --eval_mode=sliding          # one process, CPU or GPU
+  python3 ttt_eval.py --artifact A --check-legality             # C1-C4 on a short stream, then exit
 
 Reads the artifact (weights + the config it was trained with) and the val shards, never training
 data. Model keys come from the artifact; eval/TTT keys from the artifact's config unless the TOML,
