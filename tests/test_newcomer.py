@@ -1,6 +1,5 @@
 """Issue 14: what a newcomer meets first - output paths, one-line errors, eval blocks, the dataset
 fingerprint, per-entry-point help, dry-run validation, foreign files, text input, console output."""
-import json
 import pickle
 import re
 import shutil
@@ -9,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
