@@ -3,10 +3,13 @@ dataset integrity check, the val stream and the byte accounting behind val_bpb. 
 this file ships in every record folder next to train_gpt.py."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-FIX_HINT = "re-create it with `python data/prepare.py` (download / text / sample)"
+FIX_HINT = "re-create it with `python3 data/prepare.py` (download / text / sample)"
 
 class DataError(ValueError):
     """Missing or corrupt data; the message names the file and what to do."""
@@ -55,8 +58,8 @@ def split_files(data_path, split: str) -> list[Path]:
 def shard_files(data_path: str, split: str) -> list[Path]:
     files = split_files(data_path, split)
     if not files:
-        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python data/prepare.py download --variant sp1024` "
-                        "(or `python data/prepare.py sample` for the offline sample) and check data_path")
+        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}; run `python3 data/prepare.py download --variant sp1024` "
+                        "(or `python3 data/prepare.py sample` for the offline sample) and check data_path")
     return files
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where) -> None:
@@ -244,7 +247,28 @@ def check_dataset(cfg: Config, val_stream: np.ndarray, train_files: list[Path], 
     spec = importlib.util.spec_from_file_location("pgolf_prepare", path)
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards)
+    return prepare.check_dataset(cfg.data_path, cfg.tokenizer_path, cfg.vocab_size, bos_id, val_stream, train_files, cfg.data_check_train_shards,
+                                 cfg.record_mode)
+
+def dataset_fingerprint(val_stream: np.ndarray, tokenizer_path) -> dict:
+    """What a score depends on, stored in the artifact: ttt_eval.py refuses other val tokens or another tokenizer."""
+    return {"val_sha256": hashlib.sha256(val_stream.tobytes()).hexdigest(), "val_tokens": int(val_stream.size),
+            "tokenizer_sha256": hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()}
+
+def check_outputs(dirs, need_bytes: int = 0) -> None:
+    """Every output dir can be created and written, with need_bytes free: found at start, not at a trained run's last write."""
+    for d in map(Path, dirs):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write_probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            free = shutil.disk_usage(d).free
+        except OSError as e:
+            raise ValueError(f"output dir {d} is not writable ({e.strerror or e}); set out_dir, or run from a writable directory") from None
+        if free < need_bytes:
+            raise ValueError(f"output dir {d} has {free / 2**20:,.0f} MiB free; checkpoints and the artifact need about "
+                             f"{need_bytes / 2**20:,.0f} MiB: free some space or set out_dir elsewhere")
 
 def load_val_stream(files: list[Path], vocab_size: int) -> np.ndarray:
     """All val shards in sorted order (the whole stream, before any truncation)."""

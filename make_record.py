@@ -83,7 +83,9 @@ EVAL_RES = [re.compile(p) for p in (
     r"^eval_phases: (?P<phases>.*)$",
     rf"^eval_wallclock:(?P<wall_s>{NUM})s budget:(?P<budget_s>{NUM})s verdict:(?P<verdict>\S+)",
 )]
-EVAL_START_RE = re.compile(r"^eval_start artifact:(?P<artifact>\S+) bytes:(?P<bytes>\d+) mode:(?P<mode>\S+) legality:(?P<legality>\S+)")
+EVAL_START_RE = re.compile(r"^eval_start artifact:(?P<artifact>\S+) bytes:(?P<bytes>\d+) mode:(?P<mode>\S+) legality:(?P<legality>\S+)"
+                           r"(?: block:(?P<block>\S+))?")
+EVAL_END_RE = re.compile(r"^eval_end block:(?P<block>\S+) status:(?P<status>ok|failed)(?: error:(?P<error>.*))?")
 
 
 def _num(v: str):
@@ -117,6 +119,7 @@ class RunLog:
     step_avg_ms: float | None = None  # from the last step line: the run's final average
     scores: list = field(default_factory=list)
     evals: list = field(default_factory=list)  # one dict per eval_start section
+    eval_notes: list = field(default_factory=list)  # eval blocks whose scores are not used, and why
     label: str | None = None  # a forced score label (build --score-label); None: the preference order
 
     seed = property(lambda self: self.config.get("seed", self.info.get("seed")))
@@ -165,7 +168,7 @@ class RunLog:
 
     def score_notes(self) -> list[str]:
         """Why a score may not be what its label says."""
-        sc, notes = self.score(), []
+        sc, notes = self.score(), list(self.eval_notes)
         if not sc:
             return notes
         same = [s.label for s in self.scores if s.exact and s.label != sc.label and abs(s.bpb - sc.bpb) < 1e-9]
@@ -204,8 +207,11 @@ def parse_log(path) -> RunLog:
             except json.JSONDecodeError:
                 pass
         elif e := EVAL_START_RE.match(line):
-            r.evals.append({k: _num(v) for k, v in e.groupdict().items()} | {"reasons": []})
+            r.evals.append({k: v if k == "block" else _num(v) for k, v in e.groupdict().items() if v is not None} | {"reasons": []})
             section = len(r.evals) - 1
+        elif (e := EVAL_END_RE.match(line)) and section >= 0 and r.evals[section].get("block") == e["block"]:
+            r.evals[section].update({k: v.strip() for k, v in e.groupdict().items() if v is not None})
+            section = -1  # what follows an ended block is no part of it
         elif g := GPU_RE.match(line):
             r.gpus.append(g[1].strip())
         elif section >= 0 and (e := next((m for rx in EVAL_RES if (m := rx.match(line))), None)):
@@ -215,6 +221,7 @@ def parse_log(path) -> RunLog:
                 r.evals[section].update({k: _num(v) for k, v in e.groupdict().items()})
         elif i := next((m for rx in INFO_RES if (m := rx.match(line))), None):
             r.info.update({k: _num(v) for k, v in i.groupdict().items() if v is not None})
+    use_eval_blocks(r)
     for sc in r.scores:  # an exact line has no eval_time: take its short twin's
         if sc.exact and sc.eval_ms is None:
             twin = [t.eval_ms for t in r.scores if not t.exact and t.label == sc.label and t.section == sc.section and t.eval_ms]
@@ -227,6 +234,21 @@ def log_start(text: str) -> int:
     is not log lines: it ends at the first separator line, followed by 'Running Python' or preceded by code."""
     m = re.search(rf"^{SEP}$", text, re.MULTILINE)
     return m.start() if m and (text.startswith("Running Python", m.end() + 1) or CODE_LINE_RE.search(text, 0, m.start())) else 0
+
+
+def use_eval_blocks(r: RunLog) -> None:
+    """Scores come from training and from the last complete eval block that printed any; a block is complete
+    once its eval_end says ok (a log from before eval blocks: once it printed an exact score). The others
+    become notes: a failed or killed eval, or an earlier one, never poisons or silently feeds a log."""
+    for i, ev in enumerate(r.evals):
+        ev["complete"] = ev.get("status") == "ok" if "block" in ev else any(s.exact and s.section == i for s in r.scores)
+    scored = [i for i, ev in enumerate(r.evals) if ev["complete"] and any(s.section == i for s in r.scores)]
+    for i, ev in enumerate(r.evals):
+        if i not in scored[-1:] and (i in scored or not ev["complete"]):
+            why = ("superseded by a later complete eval block" if ev["complete"] else f"failed ({ev.get('error', '?')})"
+                   if ev.get("status") == "failed" else "incomplete (no eval_end: killed or still running)")
+            r.eval_notes.append(f"eval block {ev.get('block', i + 1)} (mode:{ev['mode']}) {why}: its scores are not used")
+    r.scores = [s for s in r.scores if s.section < 0 or s.section in scored[-1:]]
 
 
 def extract_sources(text: str) -> dict[str, str]:
@@ -413,7 +435,7 @@ def cmd_build(a) -> int:
             return fail(f"seed {seed}: log {path} is missing")
         r = parse_log(path)
         r.label = a.score_label
-        evals_done = all(any(s.exact and s.section == i for s in r.scores) or "check" in e for i, e in enumerate(r.evals))
+        evals_done = any(s.section >= 0 for s in r.scores) or all(ev["complete"] or "check" in ev for ev in r.evals)  # else every eval died
         if missing := [w for w, ok in (("score line", r.score()), ("artifact size line", r.artifact_bytes),
                                        ("'Total submission size' line", r.total_bytes), ("score after its eval_start", evals_done)) if not ok]:
             return fail(f"seed {seed}: {path} is incomplete (no {', no '.join(missing)}): did the run and its eval finish?")

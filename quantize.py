@@ -7,7 +7,7 @@ sdclip, optional full-Hessian GPTQ and LQER. Every width is stored one value per
 entropy coder recovers the unused bits; bit-packing measured 16-21% larger).
 File = MAGIC | u16 version | u8 flags (bit 0: byte shuffle) | u8 n | compressor name | u32 crc32 |
 u64 container length | compressed container; container = u32 n | JSON header | raw tensor bytes.
-CLI: python quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
+CLI: python3 quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import os
 import platform
 import struct
 import sys
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,32 +46,32 @@ BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 class QuantConfig:
     """The artifact knobs. train_gpt.py merges them into its one flat, typed config namespace (TOML,
     UPPER_CASE env vars, --key=value); here they sit next to the code that reads them."""
-    quant_scheme: str = "int8"  # int8 = the official baseline; mixed = per-group bits and clip rule
-    quant_bits_attn: int = 6
-    quant_bits_mlp: int = 6
-    quant_bits_embed: int = 8
-    quant_bits_other: int = 8
+    quant_scheme: str = "int8"  # int8 (the official baseline) | mixed (per-group bits and clip rule)
+    quant_bits_attn: int = 6  # bits of the attention matrices (5..8)
+    quant_bits_mlp: int = 6  # bits of the MLP matrices (5..8)
+    quant_bits_embed: int = 8  # bits of the embedding (5..8)
+    quant_bits_other: int = 8  # bits of the other matrices (5..8)
     quant_clip: str = "gptq_lite"  # max | percentile | gptq_lite | sdclip
-    quant_clip_percentile: float = 0.9999984
-    sdclip_k_attn: float = 13.0
-    sdclip_k_mlp: float = 11.5
-    sdclip_k_embed: float = 14.0
-    sdclip_k_other: float = 20.0
+    quant_clip_percentile: float = 0.9999984  # row quantile of |w| that sets the scale (quant_clip=percentile)
+    sdclip_k_attn: float = 13.0  # SDClip: scale = k * row std, attention matrices
+    sdclip_k_mlp: float = 11.5  # SDClip k, MLP matrices
+    sdclip_k_embed: float = 14.0  # SDClip k, embedding
+    sdclip_k_other: float = 20.0  # SDClip k, other matrices
     quant_keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # float tensors this small are stored as floats
     gptq: bool = False  # full-Hessian GPTQ for attn/mlp (and the embedding with quant_gptq_embed)
-    gptq_damp: float = 0.01
-    gptq_block: int = 128
-    gptq_act_order: bool = True
-    quant_gptq_embed: bool = False
+    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    gptq_block: int = 128  # GPTQ column block size
+    gptq_act_order: bool = True  # GPTQ quantizes columns in descending Hessian-diagonal order
+    quant_gptq_embed: bool = False  # GPTQ also quantizes the embedding
     gptq_calib_batches: int = 16  # calibration batches of train_batch_tokens / grad_accum tokens per rank
     gptq_calib_source: str = "train"  # train (training shards) | self (text the model generates); never val
     gptq_calib_seqs: int = 0  # self: this many generated sequences over all ranks (>= 1 per rank); 0 = gptq_calib_batches local batches
     gptq_reserve_seconds: float = 0.0  # carved out of max_wallclock_seconds: calibration runs inside the 600 s
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
-    lqer_top_k: int = 3
-    lqer_bits: int = 4
+    lqer_top_k: int = 3  # matrices that get an LQER correction
+    lqer_bits: int = 4  # bits of the LQER factors (2..8)
     compressor: str = "zlib"  # zlib | lzma | zstd | brotli
-    byte_shuffle: bool = False
+    byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
     code_packed: bool = False  # count code bytes of the packed (minified, lzma, base85) twins
     record_mode: bool = False  # over the 16,000,000-byte cap is an error, not a warning
 
@@ -401,14 +402,14 @@ def frame(container: bytes, compressor: str, shuffle: bool = False) -> bytes:
     return (MAGIC + struct.pack("<HBB", FORMAT_VERSION, int(bool(shuffle)), len(name)) + name
             + struct.pack("<IQ", zlib.crc32(body), len(container)) + body)
 
-def build_artifact(state: dict[str, Tensor], config: dict, cfg: dict | None = None, hessians: dict | None = None):
+def build_artifact(state: dict[str, Tensor], config: dict, cfg: dict | None = None, hessians: dict | None = None, dataset: dict | None = None):
     """-> (artifact file bytes, stats incl. the per-tensor report), nothing written."""
     c = quant_settings(config if cfg is None else cfg)
     tensors, entries, report = quantize_state_dict(state, c, hessians)
     comp, shuffle = c["compressor"], bool(c["byte_shuffle"])
     header = {"format_version": FORMAT_VERSION, "scheme": c["quant_scheme"], "compressor": comp,
               "compressor_version": compressor_version(comp), "byte_shuffle": shuffle, "quant": c,
-              "config": config, "entries": entries}
+              "config": config, "entries": entries, "dataset": dataset or {}}
     container = pack(tensors, header)
     blob = frame(container, comp, shuffle)
     payload, raw = (sum(t.numel() * t.element_size() for t in d.values()) for d in (tensors, state))
@@ -418,17 +419,37 @@ def build_artifact(state: dict[str, Tensor], config: dict, cfg: dict | None = No
                   "tensors": tensors, "entries": entries}
 
 def write_artifact(path, state: dict[str, Tensor], config: dict, scheme: str | None = None, compressor: str | None = None,
-                   control_patterns: str | None = None, *, hessians: dict | None = None, byte_shuffle: bool | None = None) -> dict:
+                   control_patterns: str | None = None, *, hessians: dict | None = None, byte_shuffle: bool | None = None,
+                   dataset: dict | None = None) -> dict:
     """Quantize, pack, compress and atomically write; returns byte statistics and the per-tensor report.
     Settings come from `config` (the trainer's config dict); explicit arguments override it."""
     over = {"quant_scheme": scheme, "compressor": compressor, "control_tensor_name_patterns": control_patterns,
             "byte_shuffle": byte_shuffle}
-    blob, st = build_artifact(state, config, {**config, **{k: v for k, v in over.items() if v is not None}}, hessians)
+    blob, st = build_artifact(state, config, {**config, **{k: v for k, v in over.items() if v is not None}}, hessians, dataset)
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
     return st
+
+def load_torch(path, what: str):
+    """torch.load(weights_only=True) of a file the trainer wrote; anything else is one line naming the file and
+    what it is - never advice to unpickle it, which could run code."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: {what} not found")
+    with open(p, "rb") as f:
+        head = f.read(len(MAGIC))
+    if head == MAGIC:
+        raise ArtifactError(f"{p} is a compressed artifact (.ptz), not a {what}; `ttt_eval.py --artifact {p}` scores it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol warning is noise before the one line
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        kind = ("a torch file holding Python objects other than tensors and plain values (never unpickled: that could run code)"
+                if type(e).__name__ == "UnpicklingError" and head.startswith(b"PK") else "not a torch file (another format, truncated or corrupt)")
+        raise ArtifactError(f"{p} is not a {what}: {kind}") from None
 
 def read_artifact(path) -> tuple[dict[str, Tensor], dict, dict]:
     """-> (dequantized state dict, training config, header). Raises ArtifactError with a clear reason."""
@@ -619,10 +640,7 @@ def load_toml_settings(path) -> dict:
 
 def load_checkpoint(path) -> tuple[dict, dict]:
     """final_model.pt (raw state dict) or ckpt_step*.pt ({"model", "config", ...}) -> (2-D state, config)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a plain-tensor checkpoint ({type(e).__name__}: {e})") from None
+    ck = load_torch(path, "trainer checkpoint (final_model.pt or ckpt_step*.pt)")
     state, config = (ck["model"], ck.get("config") or {}) if isinstance(ck, dict) and "model" in ck else (ck, {})
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
@@ -671,7 +689,9 @@ def main(argv: list[str]) -> None:
     base.update(load_toml_settings(args.config) if args.config else {})
     base.update({k: v for k, v in (("quant_scheme", args.scheme), ("compressor", args.compressor)) if v})
     base.update(parse_setting(s) for s in args.set)
-    hessians = torch.load(args.hessians, map_location="cpu", weights_only=True) if args.hessians else None
+    hessians = load_torch(args.hessians, "Hessian file") if args.hessians else None
+    if hessians is not None and not (isinstance(hessians, dict) and all(isinstance(h, Tensor) and h.dim() == 2 for h in hessians.values())):
+        raise ArtifactError(f"{args.hessians} is not a Hessian file: expected {{weight name: (in x in) tensor}}")
     c = quant_settings(base)
     code, detail = code_size(Path(__file__).resolve().parent, packed=args.packed or c["code_packed"])
     blob, st = build_artifact(state, config, c, hessians)

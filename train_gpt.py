@@ -1,7 +1,7 @@
 """Parameter Golf trainer: config, model, optimizers, training loop, artifact.
 
 Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py --config configs/baseline.toml
-         python train_gpt.py --config configs/smoke.toml        (one process, CPU or GPU)
+         python3 train_gpt.py --config configs/smoke.toml        (one process, CPU or GPU)
 Config sources, later wins: Config defaults < TOML file < env vars named like the field in
 UPPER_CASE (NUM_LAYERS, SEED, ...) < --key=value flags. Importing this file does no work.
 """
@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -45,47 +46,47 @@ CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  #
 @dataclass
 class Config:
     # data and run identity
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # dataset dir holding fineweb_{train,val}_NNNNNN.bin shards (and manifest.json)
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece .model the shards were made with
     run_id: str = ""  # "" -> a fresh id; logs go to logs/<run_id>.txt
     out_dir: str = ""  # "" -> runs/<run_id>; checkpoints and the artifact land here
-    seed: int = 1337
+    seed: int = 1337  # seeds Python, numpy and torch (model init, GPTQ self-calibration)
     data_check_train_shards: int = 1  # train shards scanned for val documents at start (0 = skip)
     caseops_enabled: bool = False  # CaseOps data (PR #1855): val_bpb divides by the dataset's byte sidecar (original text bytes)
     train_loader: str = "sequential"  # sequential (official: the shards in order, contiguous slices) | shuffled (PR #1812)
     # schedule and batch
-    iterations: int = 20000
-    warmdown_iters: int = 1200
+    iterations: int = 20000  # optimizer steps, unless max_wallclock_seconds stops training first
+    warmdown_iters: int = 1200  # steps of linear LR decay at the end (iter_warmdown; converted to wallclock under a cap)
     warmup_steps: int = 20  # compile-priming steps, reverted afterwards; not an LR warmup
     train_batch_tokens: int = 524288  # global tokens per optimizer step
-    train_seq_len: int = 1024
+    train_seq_len: int = 1024  # tokens per training sequence
     max_wallclock_seconds: float = 600.0  # <= 0 disables the cap
     virtual_world_size: int = 8  # grad_accum = virtual_world_size // WORLD_SIZE: same batch on 1..8 GPUs
     # eval and logging
-    val_batch_size: int = 524288
-    val_loss_every: int = 1000
-    train_log_every: int = 200
+    val_batch_size: int = 524288  # global tokens per validation batch
+    val_loss_every: int = 1000  # steps between validation evals during training (0 = only at the end)
+    train_log_every: int = 200  # steps between train_loss log lines
     # model (defaults = the baseline; every record technique is off until a config turns it on)
-    vocab_size: int = 1024
-    bos_id: int = 1
-    num_layers: int = 9
+    vocab_size: int = 1024  # model vocabulary; must equal the tokenizer's
+    bos_id: int = 1  # document-start token id; must equal the tokenizer's
+    num_layers: int = 9  # transformer blocks
     num_cores: int = 0  # distinct weight cores; layer i uses core i % num_cores (PR #526); 0 = num_layers
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
+    model_dim: int = 512  # residual stream width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (fewer than num_heads = GQA)
+    mlp_mult: float = 2.0  # MLP hidden width = mlp_mult * model_dim
     mlp_act: str = "relu2"  # relu2 | lrelu2 | silu2 (squared activations)
-    mlp_leaky_slope: float = 0.5
-    tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
+    mlp_leaky_slope: float = 0.5  # negative slope of lrelu2
+    tie_embeddings: bool = True  # the output head reuses the input embedding
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding
     ortho_init: bool = False  # Q, K, V, up and side projections orthogonal
-    proj_init: str = "ortho"  # bigram.proj/ve.proj under ortho_init: ortho | ortho_scaled (x 1/sqrt(2*num_layers): PR #573/#526) | zero
+    proj_init: str = "ortho"  # ortho | ortho_scaled (x 1/sqrt(2*num_layers): PR #573/#526) | zero: bigram.proj/ve.proj init
     embed_scale: bool = False  # learnable per-dim scale before the input norm (PR #1812)
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE base frequency
     rope_dims: int = 0  # rotary dims per head (records: 16 of 64); 0 = all
     rope_ntk_len: int = 0  # NTK-rescale the base for windows longer than this (0 = off); SP1024-era scripts used 1024
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0  # logits = softcap * tanh(logits / softcap)
+    qk_gain_init: float = 1.5  # initial per-head query gain
     qk_gain_split: bool = False  # separate q gains for rope and nope dims (PR #1812)
     xsa_last_n: int = 0  # exclusive self attention on the last N weight cores (= layers unless num_cores shares them)
     ln_scale: bool = False  # sublayer inputs scaled by 1/sqrt(layer+1)
@@ -95,17 +96,17 @@ class Config:
     gate_window: int = 12  # residual dims read by smear v3 and the sparse attention gates
     bos_mask: bool = True  # smear/bigram never mix a token with the one before a BOS
     bigram_buckets: int = 0  # BigramHash table rows (0 = off)
-    bigram_dim: int = 128
+    bigram_dim: int = 128  # BigramHash embedding width
     ve_layers: str = ""  # value embeddings on these layers, e.g. "9,10"
-    ve_dim: int = 128
+    ve_dim: int = 128  # value-embedding width
     attn_gate: str = "none"  # none | dense | sparse | out2 (per-head output gates)
-    attn_gate_scale: float = 1.0
+    attn_gate_scale: float = 1.0  # dense/sparse attention gates: sigmoid(attn_gate_scale * z)
     parallel_start: int = -1  # parallel residuals from this layer (-1 = off)
     parallel_mode: str = "two_lane"  # gptj | two_lane (learned routing) | lanes (PR #1334, lane_merge)
-    lane_skip: str = "lane0"  # U-Net skip at the lane split: lane0 (split, then skip lane 0: #1855) | stream (skip, then split: PR #1550)
+    lane_skip: str = "lane0"  # lane0 (split, then the U-Net skip joins lane 0: #1855) | stream (skip, then split: PR #1550)
     loop_start: int = -1  # depth recurrence: layers loop_start..loop_end run num_loops extra times
-    loop_end: int = -1
-    num_loops: int = 0
+    loop_end: int = -1  # last looped layer (inclusive)
+    num_loops: int = 0  # extra passes over loop_start..loop_end (0 = no depth recurrence)
     loop_at_frac: float = 0.0  # ...once this fraction of the training clock has passed
     loop_at_step: int = 0  # ...or this step (0 = use loop_at_frac)
     loop_ln_scale: bool = False  # looped layers' ln scale / sqrt(num_loops+1) (PR #1812)
@@ -113,40 +114,40 @@ class Config:
     attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | fa3 | sdpa
     doc_attention: bool = False  # attention never crosses a BOS
     # optimizers
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_backend_steps: int = 5
+    embed_lr: float = 0.6  # AdamW LR of an untied input embedding
+    head_lr: float = 0.008  # AdamW LR of an untied output head
+    tied_embed_lr: float = 0.05  # AdamW LR of the tied embedding
+    matrix_lr: float = 0.04  # Muon LR of the 2-D matrices
+    scalar_lr: float = 0.04  # AdamW LR of the scalars, gains and control tensors
+    muon_momentum: float = 0.95  # Muon momentum after its warmup
+    muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon step
     muon_ns: str = "ns5"  # ns5 | polar (Polar Express coefficients)
     muon_row_norm: bool = False  # MuonEq-R
-    muon_wd: float = 0.0
+    muon_wd: float = 0.0  # Muon decoupled weight decay
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
     muon_momentum_dtype: str = "fp32"  # fp32 | bf16 (banked records: gradient, momentum buffer and Nesterov sum in bf16)
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
+    muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 500  # steps of linear Muon momentum warmup
     muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
     muon_momentum_warmdown: float = 0.0  # > 0: in the LR warmdown mu = b*mu + (1-b)*this, b = max(lr_mul, 0.25) (PR #1812: 0.92)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    embed_wd: float = 0.0
-    adam_wd: float = 0.0
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    embed_wd: float = 0.0  # AdamW weight decay of the embeddings
+    adam_wd: float = 0.0  # AdamW weight decay of the scalar group
     adam_matrix_patterns: str = ""  # 2-D params whose names contain these go to scalar AdamW, not Muon
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = 0.0  # grad-norm clip (0 = off), by grad_clip_rule
     grad_clip_rule: str = "global"  # global (norm of the reduced gradient) | local (each rank clips its own, then reduce: PR #473)
     lr_schedule: str = "iter_warmdown"  # iter_warmdown | frac_warmdown | cosine
-    warmdown_frac: float = 0.0
-    min_lr: float = 0.0
+    warmdown_frac: float = 0.0  # frac_warmdown: fraction of the training clock spent in LR warmdown
+    min_lr: float = 0.0  # LR multiplier floor of frac_warmdown and cosine
     weight_average: str = "none"  # none | ema | swa: which average replaces the weights at the end
-    ema_decay: float = 0.997
-    swa_every: int = 50
-    swa_lr_threshold: float = 0.2
+    ema_decay: float = 0.997  # EMA decay per step (weight_average=ema)
+    swa_every: int = 50  # steps between SWA snapshots (weight_average=swa)
+    swa_lr_threshold: float = 0.2  # SWA collects once the LR multiplier is below this
     qat: bool = False  # late STE QAT on the bank matrices, on the export grid
-    qat_lr_threshold: float = 0.15
-    control_tensor_name_patterns: str = (
+    qat_lr_threshold: float = 0.15  # late QAT switches on once the LR multiplier is below this
+    control_tensor_name_patterns: str = (  # comma-separated name parts of control tensors (AdamW, kept float)
         "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,"
         "skip_gates,attn_gate,smear,parallel_,lane_merge,embed_scale,bigram.scale,ve.scale,ve_layer_scales"
     )
@@ -156,7 +157,7 @@ class Config:
     storage_dtypes: str = "fp32"  # fp32 masters | official (records' cast: embedding tables + Adam state bf16, RoPE from bf16)
     compile: bool = True  # torch.compile(fullgraph) on CUDA; CPU always runs eager
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest resumable checkpoints kept in out_dir
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -170,6 +171,12 @@ def config_class() -> type:
             sys.path.insert(0, str(HERE)) if str(HERE) not in sys.path else None
             extra += [(f.name, f.type, field(default=f.default)) for f in fields(getattr(importlib.import_module(mod), name))]
     return make_dataclass("RunConfig", extra, bases=(Config,)) if extra else Config
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """{key: the comment on its field}: the one source of each key's --help line and of its allowed values."""
+    rx, keys = re.compile(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", re.M), config_field_types()
+    return {k: doc for n in CODE_FILES if (HERE / n).is_file() for k, doc in rx.findall((HERE / n).read_text()) if k in keys}
 
 def config_field_types() -> dict[str, type]:
     return {f.name: _TYPES[f.type] for f in fields(config_class())}
@@ -196,7 +203,7 @@ def _check_key(key: str, types: dict, source: str) -> None:
     if key not in types:
         near = difflib.get_close_matches(key, list(types), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown config key '{key}' in {source}{hint}; see `python train_gpt.py --help`")
+        raise ValueError(f"unknown config key '{key}' in {source}{hint}; see `python3 train_gpt.py --help`")
 
 def load_config(path: str | None = None, overrides: dict | None = None, environ=None) -> tuple[Config, dict]:
     """Resolve a Config; returns it and {key: source} for every key not left at its default."""
@@ -246,23 +253,25 @@ def validate_config(c: Config) -> None:
     need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
-    for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
-                         ("lane_skip", "lane0 stream"), ("proj_init", "ortho ortho_scaled zero"),
-                         ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
-                         ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
-                         ("weight_average", "none ema swa"), ("device", "auto cuda cpu"), ("autocast_dtype", "bf16 fp32"),
-                         ("grad_clip_rule", "global local"), ("storage_dtypes", "fp32 official"), ("train_loader", "sequential shuffled")):
-        need(getattr(c, key) in allowed.split(), f"{key} must be one of {allowed.replace(' ', ', ')}; got '{getattr(c, key)}'")
+    for f in fields(c):  # a str key whose comment lists choices as 'a (why) | b | c; note' accepts only a, b, c
+        parts = field_docs().get(f.name, "").split(";")[0].split(" | ")
+        allowed = [re.match(r"\s*([\w.-]*)", x)[1] for x in parts] if f.type == "str" and len(parts) > 1 else []
+        need(not allowed or getattr(c, f.name) in allowed, f"{f.name} must be one of {', '.join(allowed)}; got '{getattr(c, f.name)}'")
+    if hasattr(c, "quant_scheme"):  # quantize.py's own checks (bits per group, ...): a dry run rejects what a run would
+        importlib.import_module("quantize").quant_settings(asdict(c))
 
-def parse_cli(argv: list[str], paths: tuple = ("config", "resume")) -> tuple[dict, dict]:
+USAGE = ("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: check the whole config, "
+         "print model_params and the resolved config, train nothing\n  --resume: continue from a checkpoint")
+
+def parse_cli(argv: list[str], paths: tuple = ("config", "resume"), usage: str = USAGE, keys=None) -> tuple[dict, dict]:
     """--config FILE, --resume CKPT, --dry-run, --key=value (or --key value; a bare --flag is true)."""
     opts, overrides, i = {"dry_run": False, **dict.fromkeys(paths)}, {}, 0
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
-            print("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: print model_params "
-                  "and the resolved config; --resume: continue from a checkpoint\nconfig keys (env var = KEY in upper case):\n"
-                  + "\n".join(f"  --{f.name}={f.default!r}  ({f.type})" for f in fields(config_class())))
+            print(usage.rstrip() + "\nconfig keys (--key=value, env var KEY in upper case, or in the TOML file), default (type): meaning\n"
+                  + "\n".join(f"  --{f.name}={f.default!r} ({f.type}): {field_docs().get(f.name, '')}" for f in fields(config_class())
+                               if keys is None or f.name in keys))
             sys.exit(0)
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument '{arg}': options look like --key=value")
@@ -328,8 +337,8 @@ def sync(device: torch.device) -> None:
 sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
-    bits_per_byte, build_byte_luts, check_dataset, check_token_range, load_shard, load_tokenizer, load_val_stream,
-    make_loader, read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
+    bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer,
+    load_val_stream, make_loader, read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -1006,9 +1015,12 @@ def log_provenance(log: Logger, cfg: Config, sources: dict) -> dict[str, str]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     log(f"hardware:{f'{gpus}x{torch.cuda.get_device_name(0)}' if gpus else 'cpu'} world_size:{os.environ.get('WORLD_SIZE', '1')}")
     log(f"argv:{' '.join(sys.argv)}")
-    log(f"config:{json.dumps(asdict(cfg), sort_keys=True)}")
+    log(f"config:{json.dumps(asdict(cfg), sort_keys=True)}", console=False)
     if sources:
-        log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())))
+        log("config_sources:" + " ".join(f"{k}={v}" for k, v in sorted(sources.items())), console=False)
+    kinds = ["env" if v.startswith("env") else v for v in sources.values()]
+    log(f"config_summary: {', '.join(f'{kinds.count(k)} keys from {k}' for k in sorted(set(kinds))) or 'all defaults'}; "
+        f"the resolved config is in {log.path}")
     return texts
 
 # -----------------------------------------------------------------------------
@@ -1027,6 +1039,7 @@ class Run:
     loader: DistributedTokenLoader
     out_dir: Path
     sources: dict  # the code files as logged at start
+    dataset: dict  # dataset_fingerprint of the val shards and tokenizer: the artifact records it
     step: int = 0
     train_ms: float = 0.0
 
@@ -1050,12 +1063,9 @@ def save_checkpoint(r: Run) -> None:
     r.log(f"checkpoint:{path} step:{r.step}")
 
 def load_checkpoint(path: str) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} not found") from None
-    except Exception as e:  # truncated zip, foreign pickle, ...
-        raise ValueError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}: {e})") from None
+    import quantize
+
+    ck = quantize.load_torch(path, "checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "pgolf-ckpt/2":
         raise ValueError(f"{path} is not a checkpoint written by this train_gpt.py")
     return ck
@@ -1126,6 +1136,8 @@ def main(argv: list[str]) -> None:
         obj = [cfg.run_id]
         dist.broadcast_object_list(obj, src=0)
         cfg.run_id = obj[0]
+    out_dir = Path(cfg.out_dir or Path("runs") / cfg.run_id)
+    check_outputs(["logs", out_dir] if rt.is_main else [])  # before any data is read or anything compiled
     log = Logger(rt, cfg.run_id, append=ck is not None)
     if ck is not None:
         log(f"resume:{opts['resume']} step:{ck['step']}")
@@ -1155,9 +1167,10 @@ def main(argv: list[str]) -> None:
     if use_compile:
         opt.ns = torch.compile(orthogonalize)
     r = Run(cfg, rt, log, base, model, opt, WeightAverage(base, cfg), make_loader(cfg, train_files, rt),
-            Path(cfg.out_dir or Path("runs") / cfg.run_id), texts)
+            out_dir, texts, dataset_fingerprint(val_stream, cfg.tokenizer_path))
     peak, backend = peak_flops(rt.device), attention_backend(cfg, rt.device)
-    log(f"model_params:{count_params(base)}")
+    log(f"model_params:{count_params(base)}")  # <= 16 bytes/param per checkpoint (weights, optimizer, average), keep+1 at once
+    check_outputs([out_dir] if rt.is_main else [], count_params(base) * (16 * cfg.keep_checkpoints + 20) + SIZE_CAP_BYTES)
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
     log(f"attention_backend:{backend}" + ("" if backend == "fa3" or rt.device.type != "cuda" else
         " WARNING: FlashAttention 3 not in use on CUDA (not importable, doc_attention, or attn_backend=sdpa): expect slower steps"))
@@ -1181,7 +1194,14 @@ def main(argv: list[str]) -> None:
     pre_bpb = train_loop(r, val_tokens, tgt_bytes, peak)
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    finish(r, val_tokens, tgt_bytes, pre_bpb)
+    try:
+        finish(r, val_tokens, tgt_bytes, pre_bpb)
+    except Exception as e:  # whatever breaks the final writes (torch.save reports a full disk as RuntimeError), the weights survive
+        note = rescue(r, e)
+        if isinstance(e, OSError):
+            raise OSError(note) from None
+        print(f"error: {note}", file=sys.stderr)
+        raise
 
 class StopVote:
     """The stop decision and schedule clock all ranks share, without a host sync in the step: the host
@@ -1329,9 +1349,9 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
         raw_bytes = (r.out_dir / "final_model.pt").stat().st_size
         log(f"Serialized model: {raw_bytes} bytes")
         log(f"Code size: {code_bytes} bytes ({code_detail})")
-        log(f"Total submission size: {raw_bytes + code_bytes} bytes")
+        log(f"Total submission size: {raw_bytes + code_bytes} bytes (unquantized final_model.pt + code: not what is submitted)")
         t = time.perf_counter()
-        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians)
+        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians, dataset=r.dataset)
         tag = f"{cfg.quant_scheme}+{cfg.compressor}"
         log(f"artifact:{art_path}")
         log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
@@ -1339,7 +1359,7 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
         for line in quantize.group_table(st, cfg.compressor, cfg.byte_shuffle):
             log(f"quant_table: {line}")
         total = st["artifact_bytes"] + code_bytes
-        log(f"Total submission size {tag}: {total} bytes")
+        log(f"Total submission size {tag}: {total} bytes (artifact + code: the size the {SIZE_CAP_BYTES:,}-byte cap counts)")
         log(f"bits_per_param:{8 * st['artifact_bytes'] / count_params(r.base):.3f} (artifact bytes * 8 / {count_params(r.base)} params)")
         log(quantize.check_budget(total, cfg.record_mode) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
     sync(rt.device)  # the artifact is on disk before any rank reads it
@@ -1354,12 +1374,23 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
     log(f"quant_gap val_bpb:{val_bpb - pre_bpb:+.6f} (roundtrip {val_bpb:.6f} - pre-quant {pre_bpb:.6f})")
     sync(rt.device)  # gloo aborts if one rank tears down while a peer is still in a collective
 
+def rescue(r: Run, err: Exception) -> str:
+    """A failed final write must not lose a trained model: its weights go to the first place that takes them."""
+    ck = {"model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "config": asdict(r.cfg)}
+    for path in (Path(d) / f"{r.cfg.run_id}_rescued_weights.pt" for d in (r.out_dir, "logs", os.environ.get("TMPDIR", "/tmp"))):
+        try:
+            atomic_save(ck, path)
+            return f"{err}; the trained weights are in {path} (`python3 quantize.py {path} --out A.ptz` makes the artifact)"
+        except (OSError, RuntimeError):  # torch.save: RuntimeError for a missing dir or a failed write
+            continue
+    return f"{err}; the trained weights could not be saved anywhere either"
+
 def run_cli(main_fn) -> None:
     """User errors end in one line and exit 2; the process group is torn down on every path."""
     code = 0
     try:
         main_fn(sys.argv[1:])
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:  # bad input, data, artifact, path or disk: DataError, ArtifactError, ...
         print(f"error: {e}", file=sys.stderr)
         code = 2
     if dist.is_available() and dist.is_initialized():

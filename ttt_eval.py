@@ -1,8 +1,8 @@
 """ttt_eval.py: score an artifact on the whole val set - sliding windows and legal score-first TTT.
 
   torchrun --standalone --nproc_per_node=8 ttt_eval.py --artifact runs/ID/final_model.mixed.ptz [--config X.toml]
-  python ttt_eval.py --artifact A --eval_mode=sliding          # one process, CPU or GPU
-  python ttt_eval.py --artifact A --check-legality             # C1-C4 self-check on a val prefix, then exit
+  python3 ttt_eval.py --artifact A --eval_mode=sliding          # one process, CPU or GPU
+  python3 ttt_eval.py --artifact A --check-legality             # C1-C4 self-check on a val prefix, then exit
 
 Reads the artifact (weights + the config it was trained with) and the val shards, never training
 data. Model keys come from the artifact; eval/TTT keys from the artifact's config unless the TOML,
@@ -19,6 +19,7 @@ import hashlib
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -36,22 +37,22 @@ class TTTConfig:
     eval_mode: str = "sliding"  # sliding | legal_ttt | multipass_min | prequant_ttt
     eval_seq_len: int = 0  # window length (0 = train_seq_len)
     eval_stride: int = 64  # scored positions per window after the first
-    eval_batch_seqs: int = 32
+    eval_batch_seqs: int = 32  # windows per scoring batch
     eval_doc_isolated: bool = False  # no attention across BOS inside a window
     eval_sliding_first: bool = True  # TTT modes also log the sliding score of the untouched artifact
     eval_trim: bool = False  # score only the first ((N-1)//train_seq_len)*train_seq_len+1 val tokens, as the seeds did
-    eval_budget_seconds: float = 600.0
-    ttt_chunk_tokens: int = 32768
+    eval_budget_seconds: float = 600.0  # eval wallclock budget the log's verdict checks
+    ttt_chunk_tokens: int = 32768  # tokens per TTT chunk: scored, then trained on
     ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_nesterov: bool = False
-    ttt_wd: float = 0.0
-    ttt_epochs: int = 3
+    ttt_lr: float = 0.002  # peak TTT LR (cosine over chunks)
+    ttt_momentum: float = 0.9  # SGD momentum of TTT
+    ttt_nesterov: bool = False  # Nesterov momentum for TTT SGD
+    ttt_wd: float = 0.0  # TTT weight decay
+    ttt_epochs: int = 3  # epochs over each chunk after it is scored
     ttt_batch_seqs: int = 32  # sequences per TTT step, over all ranks together
     ttt_freeze_blocks: int = 0  # the first N blocks (their scalars and their cores' bank slices) stay fixed
     ttt_min_numel: int = 0  # adapt only tensors with at least this many elements (PR #1812: 10,000)
-    ttt_grad_clip: float = 1.0
+    ttt_grad_clip: float = 1.0  # TTT grad-norm clip (0 = off)
     ttt_zloss: float = 0.0  # + z * logsumexp^2 in the TTT loss (PR #1812: 1e-5)
     ttt_passes: int = 3  # multipass_min trajectories
 
@@ -523,14 +524,24 @@ def eval_key(cfg, artifact: str) -> str:
 # CLI
 
 
-def val_stream(cfg, sp) -> tuple[Tensor, Tensor]:
+def val_stream(cfg, sp, stream: np.ndarray) -> tuple[Tensor, Tensor]:
     """The val tokens to score and the bytes of each target: the whole stream, or with eval_trim the seeds'
     prefix of whole train_seq_len windows (the one train_gpt.py's roundtrip eval reads), so both score the
     same targets. Bytes come from the whole stream first: a CaseOps sidecar matches it entry for entry."""
-    tokens = tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size)
-    tbytes = tg.val_target_bytes(cfg, sp, tokens)
-    n = tg.usable_val(tokens, cfg.train_seq_len).size if cfg.eval_trim else tokens.size
-    return torch.from_numpy(tokens[:n].astype(np.int32)), torch.from_numpy(tbytes[:n])
+    tbytes = tg.val_target_bytes(cfg, sp, stream)
+    n = tg.usable_val(stream, cfg.train_seq_len).size if cfg.eval_trim else stream.size
+    return torch.from_numpy(stream[:n].astype(np.int32)), torch.from_numpy(tbytes[:n])
+
+
+FLAGS = """
+flags:
+  --artifact FILE.ptz     the artifact to score (required); its config sets every model key
+  --config FILE.toml      eval/TTT keys (model keys in it are ignored with a note)
+  --check-legality        run the C1-C4 self-check on a val prefix instead of scoring, then exit
+  --allow-illegal         let eval_mode=prequant_ttt run (a non-record score)
+  --allow-data-mismatch   score val shards / a tokenizer other than the artifact's fingerprint (refused in record_mode)
+Each eval is one block in the log: eval_start ... block:ID, then eval_end block:ID status:ok|failed.
+"""
 
 
 def load(cfg_path, overrides, artifact: str):
@@ -540,18 +551,33 @@ def load(cfg_path, overrides, artifact: str):
     cfg, notes = resolve_config(art_cfg, cfg_path, overrides)
     if cfg.eval_doc_isolated:
         cfg.doc_attention = True
-    return cfg, notes, state
+    return cfg, notes, state, header.get("dataset") or {}
+
+
+def check_data(cfg, want: dict, stream: np.ndarray, allow: bool, log) -> None:
+    """Score only the val tokens and tokenizer the artifact was made with (its dataset fingerprint)."""
+    if not want:
+        return log("eval_note:the artifact records no dataset fingerprint (written before it did): val data not verified")
+    got = tg.dataset_fingerprint(stream, cfg.tokenizer_path)
+    diff = [f"{k} {str(got[k])[:16]} != {str(want.get(k))[:16]}" for k in got if got[k] != want.get(k)]
+    if not diff:
+        return log(f"eval_data:matches the artifact's fingerprint val_sha256={got['val_sha256'][:16]} val_tokens:{got['val_tokens']}")
+    msg = f"data_path={cfg.data_path} tokenizer_path={cfg.tokenizer_path} are not the data this artifact was made with ({', '.join(diff)})"
+    if cfg.record_mode or not allow:
+        raise tg.DataError(msg + ("; record_mode refuses --allow-data-mismatch" if allow else
+                                  "; point data_path/tokenizer_path at its dataset (or --allow-data-mismatch, never a record)"))
+    log(f"eval_data:MISMATCH {msg}; --allow-data-mismatch: this score is not comparable to the artifact's and is no record")
 
 
 def main(argv: list[str]) -> None:
     t_all = time.perf_counter()
-    flags = {a for a in argv if a in ("--check-legality", "--allow-illegal")}
+    flags = {a for a in argv if a in ("--check-legality", "--allow-illegal", "--allow-data-mismatch")}
     argv = [a for a in argv if a not in flags]
-    opts, overrides = tg.parse_cli(argv, ("config", "artifact"))
+    opts, overrides = tg.parse_cli(argv, ("config", "artifact"), usage=__doc__ + FLAGS, keys=EVAL_KEYS)
     artifact = opts["artifact"]
     if not artifact:
-        raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz")
-    cfg, notes, state = load(opts["config"], overrides, artifact)
+        raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz (see ttt_eval.py -h)")
+    cfg, notes, state, dataset = load(opts["config"], overrides, artifact)
     legality = MODES[cfg.eval_mode]
     if legality != "legal" and cfg.record_mode:
         raise ValueError(f"eval_mode={cfg.eval_mode} is not a legal record eval ({WHY[cfg.eval_mode]}); record_mode refuses it")
@@ -559,7 +585,18 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"eval_mode=prequant_ttt {WHY['prequant_ttt']}; it runs only with --allow-illegal, as a non-record")
     rt = tg.init_runtime(cfg)
     log = tg.Logger(rt, cfg.run_id or "eval", append=True)
-    log(f"eval_start artifact:{artifact} bytes:{Path(artifact).stat().st_size} mode:{cfg.eval_mode} legality:{legality}")
+    block = uuid.uuid4().hex[:8]  # a later eval of the same log never mixes with this one
+    log(f"eval_start artifact:{artifact} bytes:{Path(artifact).stat().st_size} mode:{cfg.eval_mode} legality:{legality} block:{block}")
+    try:
+        result = evaluate(cfg, rt, log, state, dataset, flags, notes, legality, t_all, eval_key(cfg, artifact))
+    except BaseException as e:  # the block ends in the log on every way out (kill -9 aside: a block without an end is incomplete)
+        log(f"eval_end block:{block} status:failed error:{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        raise
+    log(f"eval_end block:{block} status:ok {result}")
+
+
+def evaluate(cfg, rt, log, state, dataset: dict, flags: set, notes: list, legality: str, t_all: float, key: str) -> str:
+    """One eval block's work; returns what its end marker records."""
     src = Path(__file__).read_bytes()
     log(f"eval_code:ttt_eval.py bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]} argv:{' '.join(sys.argv)}")
     for n in notes:
@@ -567,7 +604,9 @@ def main(argv: list[str]) -> None:
     if legality != "legal":
         log(f"eval_legality:{legality} reason:{WHY[cfg.eval_mode]}")
     sp = tg.load_tokenizer(cfg)
-    tokens, tbytes = val_stream(cfg, sp)
+    stream = tg.load_val_stream(tg.shard_files(cfg.data_path, "val"), cfg.vocab_size)
+    check_data(cfg, dataset, stream, "--allow-data-mismatch" in flags, log)
+    tokens, tbytes = val_stream(cfg, sp, stream)
     tbytes = tbytes.to(rt.device)
     model = tg.GPT(cfg)
     model.load_state_dict(tg.rebank(state), strict=True)
@@ -579,14 +618,13 @@ def main(argv: list[str]) -> None:
     log(f"eval_config: seq_len:{cfg.eval_seq_len or cfg.train_seq_len} stride:{cfg.eval_stride} val_tokens:{tokens.numel()} "
         f"world_size:{rt.world_size} doc_isolated:{cfg.eval_doc_isolated} chunk:{cfg.ttt_chunk_tokens} opt:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} epochs:{cfg.ttt_epochs} freeze:{cfg.ttt_freeze_blocks}")
-    key = eval_key(cfg, artifact)
     log(f"eval_key:{key}")  # a passing legality_check with this key vouches for this eval (make_record reads both)
     if "--check-legality" in flags:
         verdict = check_legality(cfg, model, tokens, tbytes, rt, key)
         log(verdict.line)
         if not verdict.ok:
             raise ValueError(f"eval_mode={cfg.eval_mode} fails the legality check: {verdict.failed[0]}")
-        return
+        return f"legality_check:pass key:{key} mode:{cfg.eval_mode}"
     if use_compile:  # compile warmup on random tokens only: real val tokens must not be trained on early
         t = time.perf_counter()
         start = copy.deepcopy(model.state_dict())
@@ -611,6 +649,7 @@ def main(argv: list[str]) -> None:
     log(f"eval_wallclock:{wall:.1f}s budget:{cfg.eval_budget_seconds:.0f}s verdict:{'ok' if wall <= cfg.eval_budget_seconds else 'OVER'}")
     if tg.dist.is_available() and tg.dist.is_initialized():
         tg.dist.barrier()
+    return f"score:{name} val_bpb:{bpb:.8f}"
 
 
 if __name__ == "__main__":

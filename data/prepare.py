@@ -349,7 +349,7 @@ def doc_hashes(tokens: np.ndarray, bos_id: int, k: int = 16) -> np.ndarray:
 
 
 def check_dataset(data_path, tokenizer_path, vocab_size: int, bos_id: int, val_tokens: np.ndarray, train_files,
-                  check_train_shards: int = 1) -> list[str]:
+                  check_train_shards: int = 1, record_mode: bool = False) -> list[str]:
     """Run by train_gpt.py at start: fail on a dataset that would make the score wrong (val
     count/hash or tokenizer differ from the manifest, a shard in both splits, val documents inside the
     first train shards). Returns log lines."""
@@ -387,8 +387,11 @@ def check_dataset(data_path, tokenizer_path, vocab_size: int, bos_id: int, val_t
         if names["val"] & names["train"] or hashes["val"] & hashes["train"]:
             raise DataError(f"{mpath}: a shard appears in both the train and val splits")
         lines.append(f"dataset_manifest:{mpath} val_docs:{splits['val'].get('docs')} val_bytes:{m.get('val_bytes')}")
-    else:
-        lines.append(f"dataset_manifest:none ({mpath} missing; record one with `python data/prepare.py index {root} --tokenizer {tokenizer_path}`)")
+    else:  # nothing to check the val split and tokenizer against: a record needs it
+        fix = f"write one with `python3 data/prepare.py index {root} --tokenizer {tokenizer_path}`"
+        if record_mode:
+            raise DataError(f"{mpath} missing: record_mode needs the manifest to verify the val split and tokenizer; {fix}")
+        lines.append(f"WARNING: dataset_manifest:none - {mpath} missing: val shards and tokenizer NOT verified; {fix}")
     if check_train_shards > 0:
         vh = doc_hashes(val_tokens, bos_id)
         th = np.concatenate([doc_hashes(load_shard(f), bos_id) for f in train_files[: check_train_shards]])
@@ -412,12 +415,23 @@ def split_text_documents(text: str) -> list[str]:
 
 
 def iter_file_documents(paths, text_field: str = "text") -> Iterator[str]:
+    def not_text(p, line: int, e: UnicodeDecodeError) -> ValueError:  # a binary file: say which file and line
+        return ValueError(f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); give UTF-8 .txt or .jsonl files")
+
     for p in map(Path, paths):
         if p.suffix != ".jsonl":
-            yield from split_text_documents(p.read_text(encoding="utf-8"))
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise not_text(p, p.read_bytes().count(b"\n", 0, e.start) + 1, e) from None
+            yield from split_text_documents(text)
             continue
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise not_text(p, i, e) from None
                 if not line.strip():
                     continue
                 try:

@@ -187,10 +187,11 @@ def test_eval_trim_scores_the_seeds_targets(tmp_path, monkeypatch):
     prepare.write_shard(data / "fineweb_val_000001.bin", rng.integers(0, 96, 300))
     cfg = cfg_of(**TINY, num_layers=2, data_path=data, eval_stride=8, autocast_dtype="fp32")
     monkeypatch.setattr(tg, "val_target_bytes", lambda cfg, sp, t: np.arange(t.size, dtype=np.int32))  # bytes follow their targets
-    full, full_bytes = te.val_stream(cfg, None)
+    stream = tg.load_val_stream(tg.shard_files(data, "val"), 96)
+    full, full_bytes = te.val_stream(cfg, None, stream)
     assert full.numel() == 1000 and full.dtype == torch.int32
     cfg.eval_trim = True
-    trimmed, tbytes = te.val_stream(cfg, None)
+    trimmed, tbytes = te.val_stream(cfg, None, stream)
     T = cfg.train_seq_len
     assert trimmed.numel() == ((1000 - 1) // T) * T + 1 == 985 and torch.equal(trimmed, full[:985])
     assert torch.equal(tbytes, full_bytes[:985])

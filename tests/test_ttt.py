@@ -114,7 +114,7 @@ def test_cli_sliding_and_legal_ttt_append_to_the_training_log(artifact):
     run_eval(cwd, art, "--eval_mode=legal_ttt", "--ttt_chunk_tokens=2048", "--eval_stride=32")
     log = (cwd / "logs/art.txt").read_text()
     assert "final_int8_zlib_roundtrip_exact" in log  # the same file as training
-    assert re.search(r"^eval_start artifact:\S+ bytes:\d+ mode:legal_ttt legality:legal$", log, re.M)
+    assert re.search(r"^eval_start artifact:\S+ bytes:\d+ mode:legal_ttt legality:legal block:\w+$", log, re.M)
     sliding, ttt = exact(log, "final_sliding_window"), exact(log, "legal_ttt")
     rt = float(re.search(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)[1])
     assert sliding < rt and abs(ttt - sliding) < 0.2
