@@ -121,11 +121,11 @@ class Config:
     muon_momentum: float = 0.95
     muon_backend_steps: int = 5
     muon_ns: str = "ns5"  # ns5 | polar (Polar Express coefficients)
+    muon_grad_dtype: str = "fp32"  # fp32 | bf16 (PR #1855: half the bytes); dtype of the bank-gradient reduce-scatter; no effect on 1 rank
     muon_row_norm: bool = False  # MuonEq-R
     muon_wd: float = 0.0
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
     muon_momentum_dtype: str = "fp32"  # fp32 | bf16
-    muon_grad_dtype: str = "fp32"  # fp32 | bf16: dtype of the bank-gradient reduce-scatter (PR #1855: bf16); no effect on 1 rank
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_momentum_warmup_frac: float = 0.0  # > 0: warm up over this fraction of training instead
@@ -241,11 +241,11 @@ def validate_config(c: Config) -> None:
     need(c.iterations >= 0 and c.warmup_steps >= 0, "iterations and warmup_steps must be >= 0")
     need(0 <= c.num_cores <= c.num_layers, f"num_cores={c.num_cores} must be in 0..num_layers (0 = one core per layer)")
     need(c.num_loops == 0 or 0 <= c.loop_start <= c.loop_end < c.num_layers, "loop_start..loop_end must be layers of the model")
+    need(c.muon_grad_dtype in ("fp32", "bf16"), f"muon_grad_dtype must be one of fp32, bf16; got '{c.muon_grad_dtype}'")
     need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
     for key, allowed in (("mlp_act", "relu2 lrelu2 silu2"), ("smear", "none v2 v3"), ("attn_gate", "none dense sparse out2"),
-                         ("muon_grad_dtype", "fp32 bf16"),
                          ("lane_skip", "lane0 stream"), ("proj_init", "ortho ortho_scaled zero"),
                          ("parallel_mode", "gptj two_lane lanes"), ("attn_backend", "auto fa3 sdpa"), ("muon_ns", "ns5 polar"),
                          ("muon_momentum_dtype", "fp32 bf16"), ("lr_schedule", "iter_warmdown frac_warmdown cosine"),
