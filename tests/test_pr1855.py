@@ -2,6 +2,7 @@
 and inventory, the parallel lanes and the sparse gate computed by hand, the layer lists, the LR floor and
 momentum schedule, the warmup phases and the Muon momentum they leave, bf16 gradient averaging over 2 ranks,
 and a tiny-width run of the config on CaseOps sample data."""
+import dataclasses
 import math
 import re
 import subprocess
@@ -158,7 +159,9 @@ def test_warmup_phases_then_revert(revert):
     opt = tg.Optimizer(model, cfg, rt)
     seen, logged, loaders = [], [], []
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    r = tg.Run(cfg, rt, logged.append, model, model, opt, tg.WeightAverage(model, cfg), _Loader(model, seen), ROOT, {})
+    parts = dict(cfg=cfg, rt=rt, log=logged.append, base=model, model=model, opt=opt, avg=tg.WeightAverage(model, cfg),
+                 loader=_Loader(model, seen), out_dir=ROOT, sources={})
+    r = tg.Run(**parts, **{f.name: None for f in dataclasses.fields(tg.Run) if f.name not in parts and f.default is dataclasses.MISSING})
     before_revert = {}
     load = opt.load_state_dict
     opt.load_state_dict = lambda s: (before_revert.update({n: b.clone() for n, b in opt.mom.items()}), load(s))
