@@ -148,7 +148,7 @@ class _Loader:
 
 
 @pytest.mark.parametrize("revert", [True, False])
-def test_warmup_phases_then_revert(revert):
+def test_warmup_phases_then_revert(revert, monkeypatch):
     """Section 2.6: warmup_steps real steps unlooped, then as many looped, at LR multiplier 1; then weights,
     AdamW state and the loader start over. Muon's momentum is reset too, unless warmup_revert_momentum is
     off (the record's behaviour), in which case it is exactly what the 2 x warmup_steps steps left."""
@@ -165,7 +165,10 @@ def test_warmup_phases_then_revert(revert):
     before_revert = {}
     load = opt.load_state_dict
     opt.load_state_dict = lambda s: (before_revert.update({n: b.clone() for n, b in opt.mom.items()}), load(s))
+    lr_muls, step = [], tg.train_step
+    monkeypatch.setattr(tg, "train_step", lambda r, lr_mul, mu: lr_muls.append(lr_mul) or step(r, lr_mul, mu))
     tg.warmup(r, lambda: loaders.append(_Loader(model, [])) or loaders[-1])
+    assert lr_muls == [1.0] * 6
     assert seen == [False] * 6 + [True] * 6  # 3 steps x 2 micro-batches per phase
     assert logged[-1] == "warmup_step:3/3 looping:on" and not model.looping and r.loader is loaders[0]
     assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
