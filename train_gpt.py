@@ -58,6 +58,7 @@ class Config:
     iterations: int = 20000  # optimizer steps, unless max_wallclock_seconds stops training first
     warmdown_iters: int = 1200  # steps of linear LR decay at the end (iter_warmdown; converted to wallclock under a cap)
     warmup_steps: int = 20  # compile-priming steps, reverted afterwards; not an LR warmup
+    warmup_revert_momentum: bool = True  # false: Muon momentum of the warmup steps carries into step 0 (PR #1855 kept it)
     train_batch_tokens: int = 524288  # global tokens per optimizer step
     train_seq_len: int = 1024  # tokens per training sequence
     max_wallclock_seconds: float = 600.0  # <= 0 disables the cap
@@ -122,6 +123,7 @@ class Config:
     muon_momentum: float = 0.95  # Muon momentum after its warmup
     muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon step
     muon_ns: str = "ns5"  # ns5 | polar (Polar Express coefficients)
+    muon_grad_dtype: str = "fp32"  # fp32 | bf16 (PR #1855: half the bytes); dtype of the bank-gradient reduce-scatter; no effect on 1 rank
     muon_row_norm: bool = False  # MuonEq-R
     muon_wd: float = 0.0  # Muon decoupled weight decay
     muon_wd_mlp: float = -1.0  # -1 = muon_wd
@@ -250,6 +252,7 @@ def validate_config(c: Config) -> None:
     need(c.iterations >= 0 and c.warmup_steps >= 0, "iterations and warmup_steps must be >= 0")
     need(0 <= c.num_cores <= c.num_layers, f"num_cores={c.num_cores} must be in 0..num_layers (0 = one core per layer)")
     need(c.num_loops == 0 or 0 <= c.loop_start <= c.loop_end < c.num_layers, "loop_start..loop_end must be layers of the model")
+    need(c.muon_grad_dtype in ("fp32", "bf16"), f"muon_grad_dtype must be one of fp32, bf16; got '{c.muon_grad_dtype}'")
     need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
@@ -760,6 +763,7 @@ class Optimizer:
         self.mom = {n: torch.zeros(-(-p.size(0) // W), *p.shape[1:], device=p.device, dtype=dt) for n, p in self.banks}
         self.mom.update({n: torch.zeros_like(p, dtype=dt) for n, p in self.mats})
         self.comm_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32  # gloo lacks bf16
+        self.grad_dtype = torch.bfloat16 if cfg.muon_grad_dtype == "bf16" else torch.float32
         self.ns = orthogonalize
         self.check(model)
 
@@ -791,7 +795,7 @@ class Optimizer:
     def _landed(self, name, p, shard, work):
         if work is not None:  # reduce-scatter sums; Muon wants the mean
             work.wait()
-            shard.div_(self.rt.world_size)
+            shard = shard.div_(self.rt.world_size).float()  # a bf16 mean (muon_grad_dtype) is rounded once, then fp32
         return name, p, shard, None
 
     @torch.no_grad()
@@ -808,8 +812,9 @@ class Optimizer:
                 jobs.append((name, p, p.grad, None))
                 continue
             g = torch.cat([p.grad, p.grad.new_zeros(n_pad - p.size(0), *p.shape[1:])]) if n_pad > p.size(0) else p.grad
+            g = g.to(self.grad_dtype).contiguous()
             shard = g.new_empty(n_pad // W, *p.shape[1:])
-            jobs.append((name, p, shard, _reduce_scatter(shard, g.contiguous(), async_op=True)))
+            jobs.append((name, p, shard, _reduce_scatter(shard, g, async_op=True)))
         reps = [p for p in self.replicated if p.grad is not None]
         if W > 1 and reps:
             flat = torch.cat([p.grad.reshape(-1) for p in reps])
@@ -1100,7 +1105,8 @@ def train_step(r: Run, lr_mul: float, momentum: float) -> Tensor:
 
 def warmup(r: Run, fresh_loader) -> None:
     """Compile priming on real batches, for every graph the run will need (looping off and on), then
-    weights, optimizer state and data position go back to the start: none of it counts as training."""
+    weights, optimizer state and data position go back to the start: none of it counts as training
+    (Muon's momentum stays when warmup_revert_momentum is off, as in PR #1855)."""
     cfg = r.cfg
     if cfg.warmup_steps <= 0:
         return
@@ -1113,8 +1119,11 @@ def warmup(r: Run, fresh_loader) -> None:
             if cfg.warmup_steps <= 20 or (s + 1) % 10 == 0 or s + 1 == cfg.warmup_steps:
                 r.log(f"warmup_step:{s + 1}/{cfg.warmup_steps}" + (" looping:on" if looping else ""))
     r.base.looping = False
+    kept = {} if cfg.warmup_revert_momentum else {n: b.clone() for n, b in r.opt.mom.items()}
     r.base.load_state_dict(init_model)
     r.opt.load_state_dict(init_opt)
+    for n, b in kept.items():
+        r.opt.mom[n].copy_(b)
     r.loader = fresh_loader()
 
 def run_id_default(cfg_path: str | None, seed: int) -> str:
