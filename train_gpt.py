@@ -252,7 +252,6 @@ def validate_config(c: Config) -> None:
     need(c.iterations >= 0 and c.warmup_steps >= 0, "iterations and warmup_steps must be >= 0")
     need(0 <= c.num_cores <= c.num_layers, f"num_cores={c.num_cores} must be in 0..num_layers (0 = one core per layer)")
     need(c.num_loops == 0 or 0 <= c.loop_start <= c.loop_end < c.num_layers, "loop_start..loop_end must be layers of the model")
-    need(c.muon_grad_dtype in ("fp32", "bf16"), f"muon_grad_dtype must be one of fp32, bf16; got '{c.muon_grad_dtype}'")
     need(c.parallel_start < 0 or c.parallel_start > max(c.loop_end, (c.num_layers - 1) // 2),
          "parallel_start must come after the looped layers and the encoder half")
     need(all(0 <= int(i) < c.num_layers for i in c.ve_layers.split(",") if i.strip()), f"ve_layers={c.ve_layers!r} names a missing layer")
