@@ -59,6 +59,7 @@ class QuantConfig:
     quant_keep_float_numel: int = KEEP_FLOAT_MAX_NUMEL  # float tensors this small are stored as floats
     gptq: bool = False  # full-Hessian GPTQ for attn/mlp (and the embedding with quant_gptq_embed)
     gptq_damp: float = 0.01
+    gptq_damp_rule: str = "diag"  # diag: H_jj *= 1+damp (PRs #1812/#1550; measured best) | mean: H += damp*mean(diag H)*I
     gptq_block: int = 128
     gptq_act_order: bool = True
     quant_gptq_embed: bool = False
@@ -87,7 +88,7 @@ def quant_settings(cfg: dict | None) -> dict:
     """The quant keys of a config dict, defaults filled in, validated (one clear line on error)."""
     c = {k: (cfg or {}).get(k, v) for k, v in QUANT_DEFAULTS.items()}
     for key, allowed in (("quant_scheme", ("int8", "mixed")), ("quant_clip", CLIP_RULES), ("compressor", tuple(COMPRESSORS)),
-                         ("gptq_calib_source", ("train", "self")),
+                         ("gptq_calib_source", ("train", "self")), ("gptq_damp_rule", ("mean", "diag")),
                          *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9))):
         if c[key] not in allowed:
             raise ValueError(f"{key}={c[key]!r} is not one of {', '.join(map(str, allowed))}")
@@ -182,8 +183,12 @@ def hessian_error(e: Tensor, H: Tensor) -> float:
     """trace(E H E^T): the increase of the layer's squared output error over the calibration set."""
     return float(((e @ H) * e).sum())
 
+def damped(H: Tensor, d: float, rule: str = "mean") -> Tensor:
+    """H with its diagonal raised: by d*mean(diag H) everywhere (mean), or each entry by its own d*H_jj (diag)."""
+    return H + torch.diag(d * (torch.diag(H) if rule == "diag" else torch.diag(H).mean().abs().expand(H.shape[0])))
+
 def gptq_quantize(w: Tensor, H: Tensor, s: Tensor, bits: int, damp: float = 0.01, block: int = 128,
-                  act_order: bool = True) -> tuple[Tensor, str]:
+                  act_order: bool = True, damp_rule: str = "mean") -> tuple[Tensor, str]:
     """Full-Hessian GPTQ with fixed per-row scales s. -> (int8 q, note); the note names the reason
     when it falls back to round-to-nearest (non-finite H, Cholesky failing at every damping)."""
     r = 2 ** (bits - 1) - 1
@@ -198,10 +203,10 @@ def gptq_quantize(w: Tensor, H: Tensor, s: Tensor, bits: int, damp: float = 0.01
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
-    mean_diag, eye, U = float(torch.diag(H).mean()), torch.eye(n, device=H.device), None
+    U = None
     for attempt in range(4):  # more damping on each failure
         d = damp if attempt == 0 else max(damp, 1e-3) * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + d * abs(mean_diag) * eye)
+        L, info = torch.linalg.cholesky_ex(damped(H, d, damp_rule))
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(U).all():
@@ -220,7 +225,7 @@ def gptq_quantize(w: Tensor, H: Tensor, s: Tensor, bits: int, damp: float = 0.01
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    note = f"gptq damp={d:g}" + (f" dead_cols={int(dead.sum())}" if dead.any() else "")
+    note = f"gptq damp={d:g}{' diag' if damp_rule == 'diag' else ''}" + (f" dead_cols={int(dead.sum())}" if dead.any() else "")
     return Q[:, torch.argsort(perm)].to(torch.int8), note
 
 def accumulate_hessian(H: dict, name: str, x: Tensor) -> None:
@@ -294,7 +299,7 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
             best = None
             for s, tag in candidate_scales(w, bits, c["quant_clip"], c["quant_clip_percentile"], c[f"sdclip_k_{g}"]):
                 if use_gptq:
-                    q, note = gptq_quantize(w, H, s, bits, c["gptq_damp"], c["gptq_block"], c["gptq_act_order"])
+                    q, note = gptq_quantize(w, H, s, bits, c["gptq_damp"], c["gptq_block"], c["gptq_act_order"], c["gptq_damp_rule"])
                     err = hessian_error(w - q.float() * s.float()[:, None], H)
                 else:
                     q, note = _rtn(w, s, 2 ** (bits - 1) - 1).to(torch.int8), rec["note"]
