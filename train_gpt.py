@@ -1125,6 +1125,13 @@ def warmup(r: Run, fresh_loader) -> None:
         r.opt.mom[n].copy_(b)
     r.loader = fresh_loader()
 
+def artifact_plan(cfg: Config, model: nn.Module, texts: dict | None = None) -> list[str]:
+    import quantize
+
+    c = asdict(cfg)
+    p = quantize.plan(quantize.param_groups_of(unbank(model.state_dict()), c), c, quantize.code_size(HERE, cfg.code_packed, texts)[0])
+    return [f"artifact_plan: {line}" for line in quantize.format_plan(p).splitlines()]
+
 def run_id_default(cfg_path: str | None, seed: int) -> str:
     stem = Path(cfg_path).stem if cfg_path else "run"
     return f"{stem}_seed{seed}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
@@ -1133,8 +1140,10 @@ def main(argv: list[str]) -> None:
     opts, overrides = parse_cli(argv)
     cfg, sources = load_config(opts["config"], overrides)
     if opts["dry_run"]:
-        print(f"model_params:{count_params(GPT(cfg))}")
+        model = GPT(cfg)
+        print(f"model_params:{count_params(model)}")
         print(f"config:{json.dumps(asdict(cfg), sort_keys=True)}")
+        print("\n".join(artifact_plan(cfg, model)))
         return
     ck = load_checkpoint(opts["resume"]) if opts["resume"] else None
     if not cfg.run_id:
@@ -1189,10 +1198,8 @@ def main(argv: list[str]) -> None:
     log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
         f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
     log(f"seed:{cfg.seed}")
-    import quantize  # the artifact budget, before any compute is spent
-    plan = quantize.plan(quantize.param_groups_of(unbank(base.state_dict()), asdict(cfg)), asdict(cfg), quantize.code_size(HERE, cfg.code_packed, texts)[0])
-    for line in quantize.format_plan(plan).splitlines():
-        log(f"artifact_plan: {line}")
+    for line in artifact_plan(cfg, base, texts):  # the artifact budget, before any compute is spent
+        log(line)
     warmup(r, lambda: make_loader(cfg, train_files, rt))
     gc.collect()
     gc.freeze()  # what lives now lives to the end: the collector skips it instead of pausing steps
