@@ -355,6 +355,7 @@ def cmd_run(a) -> int:
         if a.dry_run:
             print(shlex.join(train))
             print(shlex.join(eval_command(a, f"runs/{rid}/final_model.{guess_scheme(a.config, sets)}.ptz", flags)))
+            print(shlex.join(eval_command(a, f"runs/{rid}/final_model.{guess_scheme(a.config, sets)}.ptz", flags) + ["--check-legality"]))
             continue
         if rc := run_step(f"seed {seed}: training", train):
             return rc
@@ -364,6 +365,8 @@ def cmd_run(a) -> int:
             return fail(f"seed {seed}: training finished but {art} does not exist")
         if rc := run_step(f"seed {seed}: eval", eval_command(a, str(art), flags)):
             return rc
+        # the record's compliance column reads this check (same eval key); a FAIL is logged and build refuses it
+        run_step(f"seed {seed}: legality self-check", eval_command(a, str(art), flags) + ["--check-legality"])
         r = parse_log(r.path)
         print("\n".join(budget_table(r)), flush=True)
         done.append(r)

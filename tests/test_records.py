@@ -436,8 +436,9 @@ def test_runner_dry_run_refusals_and_stop_on_failure(tmp_path):
     cfg = str(ROOT / "configs" / "smoke.toml")
     p = make_record(["run", "--config", cfg, "--seeds", "1", "2", "--dry-run", "--set", "eval_stride=32", "quant_scheme=int8"], tmp_path)
     lines = p.stdout.splitlines()
-    assert p.returncode == 0 and len(lines) == 4 and lines[0].startswith("torchrun --standalone --nproc_per_node=8 ")
-    assert "--seed=1 --run_id=smoke_seed1 --eval_stride=32" in lines[0] and "--artifact runs/smoke_seed2/final_model.int8.ptz" in lines[3]
+    assert p.returncode == 0 and len(lines) == 6 and lines[0].startswith("torchrun --standalone --nproc_per_node=8 ")
+    assert "--seed=1 --run_id=smoke_seed1 --eval_stride=32" in lines[0] and "--artifact runs/smoke_seed2/final_model.int8.ptz" in lines[4]
+    assert lines[5] == lines[4] + " --check-legality"  # each seed's eval is followed by its self-check on the same flags
     p = make_record(["run", "--config", cfg, "--seeds", "1", "--nproc", "1", "--dry-run"], tmp_path)
     assert p.stdout.startswith(sys.executable) and "runs/smoke_seed1/final_model.mixed.ptz" in p.stdout and "--eval_mode=legal_ttt" in p.stdout
     write(tmp_path / "logs" / "smoke_seed2.txt", "old")
@@ -471,6 +472,8 @@ def test_three_seed_smoke_record_end_to_end(tmp_path, sample_data):
     runs = [mr.parse_log(tmp_path / lg) for lg in logs]
     assert sub["val_bpb"] == pytest.approx(sum(r.score().bpb for r in runs) / 3, abs=1e-8)
     assert all(r.score().name == "legal_ttt_exact" and r.evals[0]["legality"] == "legal" for r in runs)
+    assert all(any(e.get("check", "").startswith("pass key:") for e in r.evals) for r in runs), "run checks every seed"
+    assert "no legality self-check" not in (folder / "README.md").read_text()
     for name, text in runs[0].sources.items():  # the code that ran, byte for byte, and its logged size
         assert (folder / name).read_bytes() == text.encode() and mr.logged_code_sizes(runs[0].info["code_detail"])[name] == len(text.encode())
     assert sub["bytes_total"] == sub["bytes_code"] + max((folder / f"final_model_seed{s}.mixed.ptz").stat().st_size for s in seeds)
