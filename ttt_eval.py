@@ -315,10 +315,10 @@ def rank_batches(lo: int, hi: int, rt) -> list[int]:
 
 def phase_plan(n_docs: int, cfg) -> list[tuple[int, int]]:
     """(batches scored before the pause, documents the phase trains on) per global SGD phase: boundary k is the first
-    ttt_phase_docs*k/ttt_phases documents, the pause comes once the batch holding the last of them is scored."""
-    P = min(cfg.ttt_phase_docs, n_docs)
-    bounds = sorted({P * k // cfg.ttt_phases for k in range(1, cfg.ttt_phases + 1)} - {0})
-    return [(math.ceil(b / cfg.ttt_doc_batch), b) for b in bounds]
+    ttt_phase_docs*k/ttt_phases documents, the pause comes once the batch holding the last of them is scored. The
+    boundaries never depend on how many documents follow (that would read future BOS tokens)."""
+    bounds = sorted({cfg.ttt_phase_docs * k // cfg.ttt_phases for k in range(1, cfg.ttt_phases + 1)} - {0})
+    return [(math.ceil(b / cfg.ttt_doc_batch), b) for b in bounds if b <= n_docs]
 
 
 class DocLoRA:
