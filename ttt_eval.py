@@ -66,6 +66,7 @@ class TTTConfig:
     ttt_lora_beta2: float = 0.99  # phased_ttt: LoRA AdamW beta2 (record: 0.99)
     ttt_lora_eps: float = 1e-10  # phased_ttt: LoRA AdamW eps (record: 1e-10)
     ttt_lora_wd: float = 0.5  # phased_ttt: LoRA AdamW weight decay (record: 0.5)
+    ttt_lora_rows: str = "fixed"  # fixed | compact; phased_ttt: fixed keeps all ttt_doc_batch rows (no shape hangs on later docs)
     ttt_lora_warm_a: bool = True  # phased_ttt: a new batch zeroes B and keeps A from the rank's previous batch of the phase (record: on)
     ttt_phase_docs: int = 2500  # phased_ttt: the first N documents feed the global SGD phases (record: 2500; 0 = no phases)
     ttt_phases: int = 3  # phased_ttt: cumulative global SGD phases on scored docs with the legal_ttt keys (record: 3; lr 1e-3, 1 epoch)
@@ -400,11 +401,13 @@ def lora_chunk(cfg, lora: DocLoRA, tokens: Tensor, docs: list, c: int, acc: Scor
     documents with chunks left (a document's last chunk is never trained on)."""
     L, T = cfg.ttt_lora_chunk, cfg.eval_seq_len or cfg.train_seq_len
     act = [i for i, (s, e) in enumerate(docs) if e - s > L * c]
+    act = list(range(lora.rows)) if cfg.ttt_lora_rows == "fixed" else act  # fixed: the rows of finished documents stay
     W = min(T, L * (c + 1))
     seq, keep = torch.zeros(len(act), W + 1, dtype=torch.int64), torch.zeros(len(act), W, dtype=torch.bool)
     base, more = torch.zeros(len(act), dtype=torch.int64), torch.zeros(len(act), 1, dtype=torch.bool)
-    for r, i in enumerate(act):
-        s, e = docs[i]
+    for r, (s, e) in enumerate(docs[i] if i < len(docs) else (0, 0) for i in act):
+        if e - s <= L * c:
+            continue
         lo, hi = L * c, min(L * c + L, e - s)  # targets s+1+lo .. s+hi; right padding is harmless under causal attention
         ws = max(0, hi - T)
         seq[r, : hi - ws + 1] = tokens[s + ws : s + hi + 1]
@@ -440,12 +443,12 @@ def phased_ttt(cfg, model: tg.GPT, tokens: Tensor, tbytes: Tensor, rt, log, trac
     docs = documents(tokens, cfg.bos_id)
     batches = [docs[i : i + cfg.ttt_doc_batch] for i in range(0, len(docs), cfg.ttt_doc_batch)]
     plan, lo = phase_plan(len(docs), cfg) if cfg.ttt_phase_docs else [], 0
-    model.eval()
     for k, end in enumerate([e for e, _ in plan] + [len(batches)]):
         t, lora = time.perf_counter(), None
         for j in rank_batches(lo, end, rt):
-            warm = lora is not None and lora.rows == len(batches[j]) and cfg.ttt_lora_warm_a
-            lora = lora if lora is not None and lora.rows == len(batches[j]) else DocLoRA(model, cfg, len(batches[j]))
+            rows = cfg.ttt_doc_batch if cfg.ttt_lora_rows == "fixed" else len(batches[j])
+            warm = lora is not None and lora.rows == rows and cfg.ttt_lora_warm_a
+            lora = lora if lora is not None and lora.rows == rows else DocLoRA(model, cfg, rows)
             lora.reset(None if warm else cfg.seed * 1_000_003 + j * cfg.ttt_doc_batch)  # seed + document index
             for c in range(math.ceil(max(e - s for s, e in batches[j]) / cfg.ttt_lora_chunk)):
                 lora_chunk(cfg, lora, tokens, batches[j], c, acc, tbytes, dev)
@@ -456,7 +459,6 @@ def phased_ttt(cfg, model: tg.GPT, tokens: Tensor, tbytes: Tensor, rt, log, trac
             if TAP is not None:  # a logical clock: each phase step comes after every scoring before the pause, on any rank
                 TAP.clock = int(tg.all_reduce_(torch.tensor([TAP.clock], device=dev), tg.dist.ReduceOp.MAX if rt.distributed else None))
             global_sgd(cfg, model, tokens, docs[plan[k][1] - 1][1], rt)  # documents 0..boundary-1: targets 1..e of the last
-            model.eval()
         times["scoring"], times["training"] = times.get("scoring", 0.0) + dt, times.get("training", 0.0) + time.perf_counter() - t
         if log:
             log(f"ttt_phase:{k + 1}/{len(plan) + 1} batches:{lo}..{end - 1} of {len(batches)} score_time:{dt:.1f}s "
