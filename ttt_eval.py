@@ -438,7 +438,8 @@ def global_sgd(cfg, model: tg.GPT, tokens: Tensor, hi: int, rt) -> None:
 
 def phased_ttt(cfg, model: tg.GPT, tokens: Tensor, tbytes: Tensor, rt, log, track=False, times=None) -> Scores:
     """Score-first TTT with one LoRA per document, ttt_doc_batch documents per batch in stream order, chunk by chunk;
-    at each phase boundary the ranks pause and the base model trains on the first documents, all scored by then."""
+    at each phase boundary the ranks pause and the base model trains on the first documents, all scored by then. Stream
+    order, not the record's longest-first: there warm A and the phases carry later documents into earlier ones' scores (C1)."""
     acc, times, dev = Scores(tokens.numel(), rt.device, track), times if times is not None else {}, rt.device
     docs = documents(tokens, cfg.bos_id)
     batches = [docs[i : i + cfg.ttt_doc_batch] for i in range(0, len(docs), cfg.ttt_doc_batch)]

@@ -19,10 +19,11 @@ import train_gpt as tg  # noqa: E402
 import ttt_eval as te  # noqa: E402
 from test_legality import CPU, TINY  # noqa: E402
 
-# scale alpha/rank 1.8 as the record's; small enough to run in seconds, big enough that the legality prefix (1537 tokens: 3 documents) holds a phase between
-# batches, a warm LoRA carried from one batch to the next, and 16-target chunks that train before later ones are scored
-PHASED = dict(eval_mode="phased_ttt", ttt_chunk_tokens=512, ttt_doc_batch=1, ttt_lora_rank=4, ttt_lora_alpha=7.2, ttt_lora_chunk=16, ttt_lora_lr=0.01,
-              ttt_phase_docs=1, ttt_phases=1)
+# LoRA scale alpha/rank 1.8 as the record's; small enough to run in seconds, big enough that the legality prefix (1537
+# tokens: 3 documents) holds a phase between batches, a warm LoRA carried from one batch to the next, and 16-target
+# chunks that train before later ones are scored
+PHASED = dict(eval_mode="phased_ttt", ttt_chunk_tokens=512, ttt_doc_batch=1, ttt_lora_rank=4, ttt_lora_alpha=7.2, ttt_lora_chunk=16,
+              ttt_lora_lr=0.01, ttt_phase_docs=1, ttt_phases=1)
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +222,35 @@ def test_phase_boundaries_from_the_document_count_fail_c1(check, monkeypatch):
     monkeypatch.setattr(te, "phase_plan", lambda n, cfg: real(n, dataclasses.replace(cfg, ttt_phase_docs=min(cfg.ttt_phase_docs, n))))
     v = check(ttt_phase_docs=100, ttt_phases=2)
     assert "C1" in {f.split(":")[0] for f in v.failed}, v.line
+
+
+def test_lora_slots_follow_the_block_visits():
+    """A looped model: one adapter set per block visit (the record's 17 slots), each used in the forward, sized
+    r * (in + out) per document; the head adapter reaches the logits before the softcap."""
+    cfg, _ = tg.load_config(None, {k: str(v) for k, v in dict(TINY, num_layers=3, num_loops=2, loop_start=1, loop_end=1).items()}, {})
+    cfg = dataclasses.replace(cfg, **PHASED)
+    model = awake_model(cfg)
+    model.looping = True  # layer order 0,1,1,1,2: core 1 visited three times
+    lora = te.DocLoRA(model, cfg, 2)
+    lora.reset(7)
+    assert sorted(v for (k, v) in lora.A if k.startswith("blocks.1.attn.c_q")) == [0, 1, 2] and len(lora.A) == 5 * 5 + 1
+    d, kv, r = cfg.model_dim, model.kv_bank.size(1), cfg.ttt_lora_rank
+    per_visit = (d + d) + 2 * (d + kv) + (d + d) + (d + d)  # Q, K and V, O (from the attention input), MLP (dim -> dim)
+    assert sum(p[0].numel() for p in lora.params) == r * (5 * per_visit + d + cfg.vocab_size)  # + the head
+    x = torch.randint(0, 512, (2, 33))
+    with torch.no_grad():
+        for B in lora.B.values():
+            B.normal_()
+    lora.step(lora(x[:, :-1], x[:, 1:], reduction="none").view(2, 32), torch.ones(2, 32, dtype=torch.bool), torch.arange(64))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.params)  # every slot is on the forward path
+
+
+def test_record_lora_size():
+    """The record's shapes (11 layers, layers 3-5 looped twice more, dim 512, 8 heads / 4 KV heads, vocab 8192, r 80):
+    17 slots and 6,963,200 LoRA parameters per document (spec 5.2: about 6.96 M)."""
+    over = dict(num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, vocab_size=8192, num_loops=2, loop_start=3, loop_end=5)
+    cfg, _ = tg.load_config(None, {k: str(v) for k, v in over.items()}, {})
+    model = tg.GPT(cfg)
+    model.looping = True
+    lora = te.DocLoRA(model, cfg, 1)
+    assert len(lora.A) == 17 * 5 + 1 and sum(p.numel() for p in lora.params) == 6_963_200
