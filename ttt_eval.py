@@ -66,7 +66,7 @@ class TTTConfig:
     ttt_lora_beta2: float = 0.99  # phased_ttt: LoRA AdamW beta2 (record: 0.99)
     ttt_lora_eps: float = 1e-10  # phased_ttt: LoRA AdamW eps (record: 1e-10)
     ttt_lora_wd: float = 0.5  # phased_ttt: LoRA AdamW weight decay (record: 0.5)
-    ttt_lora_rows: str = "fixed"  # fixed | compact; phased_ttt: fixed keeps all ttt_doc_batch rows (no shape hangs on later docs)
+    ttt_lora_rows: str = "fixed"  # fixed | compact; phased_ttt: fixed steps all rows, no shape hangs on later docs (record: fixed)
     ttt_lora_warm_a: bool = True  # phased_ttt: a new batch zeroes B and keeps A from the rank's previous batch of the phase (record: on)
     ttt_phase_docs: int = 2500  # phased_ttt: the first N documents feed the global SGD phases (record: 2500; 0 = no phases)
     ttt_phases: int = 3  # phased_ttt: cumulative global SGD phases on scored docs with the legal_ttt keys (record: 3; lr 1e-3, 1 epoch)
