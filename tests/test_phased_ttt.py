@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _util import ROOT, awake_model
+from _util import ROOT, awake_model, run_train
 
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
@@ -254,3 +254,24 @@ def test_record_lora_size():
     model.looping = True
     lora = te.DocLoRA(model, cfg, 1)
     assert len(lora.A) == 17 * 5 + 1 and sum(p.numel() for p in lora.params) == 6_963_200
+
+
+def test_cli_scores_and_checks_a_real_artifact(sample_data, tmp_path):
+    """ttt_eval.py on a trained tiny artifact: per-phase times, the score line, the budget line counting from the
+    artifact load, and --check-legality with the same flags passing."""
+    keys = {**TINY, "data_path": sample_data["data_path"], "tokenizer_path": sample_data["tokenizer_path"], "iterations": 4,
+            "warmup_steps": 1, "train_batch_tokens": 1024, "virtual_world_size": 1, "max_wallclock_seconds": 0, "val_loss_every": 0,
+            "run_id": "art"}
+    run_train([f"--{k}={v}" for k, v in keys.items()], tmp_path)
+    flags = [f"--{k}={v}" for k, v in {**PHASED, "ttt_doc_batch": 4, "ttt_phase_docs": 8, "ttt_phases": 2, "ttt_chunk_tokens": 1024}.items()]
+    for extra in ([], ["--check-legality"]):
+        cmd = [sys.executable, str(ROOT / "ttt_eval.py"), "--artifact", "runs/art/final_model.int8.ptz", *flags, *extra]
+        p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    log = (tmp_path / "logs/art.txt").read_text()
+    assert re.search(r"^ttt_phase:1/3 batches:0..0 of 7 score_time:[\d.]+s sgd_docs:4 sgd_time:[\d.]+s$", log, re.M), log[-3000:]
+    assert re.search(r"^ttt_phase:3/3 batches:2..6 of 7 score_time:[\d.]+s sgd_docs:0 sgd_time:0.0s$", log, re.M), log[-3000:]
+    assert re.search(r"^phased_ttt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+    assert re.search(r"^eval_phases: load:[\d.]+s warmup:[\d.]+s sliding:[\d.]+s scoring:[\d.]+s training:[\d.]+s$", log, re.M)
+    assert re.search(r"^eval_wallclock:[\d.]+s budget:600s verdict:ok$", log, re.M)
+    assert re.search(r"^legality_check:pass key:\w+ mode:phased_ttt ranks:1 ", log, re.M), log[-3000:]
