@@ -351,11 +351,13 @@ try:  # FlashAttention 3 (Hopper); anything else uses torch SDPA
 except ImportError:
     _fa3 = None
 CAPTURE = None  # set by GPTQ calibration: called as CAPTURE(weight_name, input) for every named matmul
+DELTA = None  # set by phased TTT: DELTA(weight_name, input, output) returns the output plus its per-document LoRA delta
 
 def linear(x: Tensor, w: Tensor, name: str | None = None) -> Tensor:
     if CAPTURE is not None and name is not None:
         CAPTURE(name, x)
-    return F.linear(x, w.to(x.dtype))
+    y = F.linear(x, w.to(x.dtype))
+    return y if DELTA is None or name is None else DELTA(name, x, y)
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))

@@ -8,11 +8,13 @@ Reads the artifact (weights + the config it was trained with) and the val shards
 data. Model keys come from the artifact; eval/TTT keys from the artifact's config unless the TOML,
 an UPPER_CASE env var or a --key=value flag sets them. Appends to logs/<run_id>.txt (the training
 log). Modes: sliding; legal_ttt (score a chunk, then train on it: PR #461/#473/#526/#1812 style);
+phased_ttt (PR #1855: per-document LoRA, score a chunk then adapt, global SGD phases on scored documents);
 multipass_min (PR #573: per-token min over trajectories, illegal selection, refused in
 record_mode) and prequant_ttt (PR #1550: trains on all of val before scoring, needs --allow-illegal).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import hashlib
@@ -34,7 +36,7 @@ import train_gpt as tg
 @dataclass
 class TTTConfig:
     """Eval and test-time-training knobs; train_gpt.py merges them into its one flat config namespace."""
-    eval_mode: str = "sliding"  # sliding | legal_ttt | multipass_min | prequant_ttt
+    eval_mode: str = "sliding"  # sliding | legal_ttt | phased_ttt | multipass_min | prequant_ttt
     eval_seq_len: int = 0  # window length (0 = train_seq_len)
     eval_stride: int = 64  # scored positions per window after the first
     eval_batch_seqs: int = 32  # windows per scoring batch
@@ -55,9 +57,23 @@ class TTTConfig:
     ttt_grad_clip: float = 1.0  # TTT grad-norm clip (0 = off)
     ttt_zloss: float = 0.0  # + z * logsumexp^2 in the TTT loss (PR #1812: 1e-5)
     ttt_passes: int = 3  # multipass_min trajectories
+    ttt_doc_batch: int = 64  # phased_ttt: documents per batch, one LoRA each (record: 64)
+    ttt_lora_rank: int = 80  # phased_ttt: LoRA rank on Q/K/V/O/MLP of every block visit and on the LM head (record: 80)
+    ttt_lora_alpha: float = 144.0  # phased_ttt: LoRA output scale is alpha/rank (record: 144, scale 1.8)
+    ttt_lora_chunk: int = 48  # phased_ttt: targets per document chunk, scored and then trained on (record: 48)
+    ttt_lora_lr: float = 1e-4  # phased_ttt: LoRA AdamW LR, constant (record: 1e-4)
+    ttt_lora_beta1: float = 0.0  # phased_ttt: LoRA AdamW beta1 (record: 0)
+    ttt_lora_beta2: float = 0.99  # phased_ttt: LoRA AdamW beta2 (record: 0.99)
+    ttt_lora_eps: float = 1e-10  # phased_ttt: LoRA AdamW eps (record: 1e-10)
+    ttt_lora_wd: float = 0.5  # phased_ttt: LoRA AdamW weight decay (record: 0.5)
+    ttt_lora_rows: str = "fixed"  # fixed | compact; phased_ttt: fixed steps all rows, no shape hangs on later docs (record: fixed)
+    ttt_lora_warm_a: bool = True  # phased_ttt: a new batch zeroes B and keeps A from the rank's previous batch of the phase (record: on)
+    ttt_phase_docs: int = 2500  # phased_ttt: the first N documents feed the global SGD phases (record: 2500; 0 = no phases)
+    ttt_phases: int = 3  # phased_ttt: cumulative global SGD phases on scored docs with the legal_ttt keys (record: 3; lr 1e-3, 1 epoch)
 
 
-MODES = {"sliding": "legal", "legal_ttt": "legal", "multipass_min": "illegal-selection", "prequant_ttt": "non-record"}
+MODES = {"sliding": "legal", "legal_ttt": "legal", "phased_ttt": "legal", "multipass_min": "illegal-selection",
+         "prequant_ttt": "non-record"}
 WHY = {"multipass_min": "keeps each token's minimum NLL over several trajectories after seeing it (C2, C4) and its "
        "rotated passes train on later tokens before scoring earlier ones (C1); PR #573 was closed for this",
        "prequant_ttt": "fine-tunes on every validation token before scoring it (C3); PR #1376 was closed and PR "
@@ -81,6 +97,8 @@ def resolve_config(artifact_cfg: dict, path: str | None, overrides: dict) -> tup
     tg.validate_config(cfg)
     if cfg.eval_mode not in MODES or cfg.ttt_optimizer not in ("sgd", "adamw"):
         raise ValueError(f"eval_mode must be one of {', '.join(MODES)} and ttt_optimizer sgd or adamw")
+    if min(cfg.ttt_doc_batch, cfg.ttt_lora_rank, cfg.ttt_lora_chunk, cfg.ttt_phases) < 1 or cfg.ttt_phase_docs < 0:
+        raise ValueError("ttt_doc_batch, ttt_lora_rank, ttt_lora_chunk and ttt_phases must be >= 1 and ttt_phase_docs >= 0")
     return cfg, notes
 
 
@@ -279,6 +297,177 @@ def legal_ttt(cfg, model, fn, tokens, wins, tbytes, rt, log, track=False, rotate
     return acc
 
 
+# -----------------------------------------------------------------------------
+# Phased score-first TTT (PR #1855): one LoRA per document, global SGD phases on already-scored documents
+
+
+def documents(tokens: Tensor, bos: int) -> list[tuple[int, int]]:
+    """(s, e) per document: tokens s..e from its BOS up to and including the next document's BOS (the last one: to the
+    stream's end), so its targets are s+1..e and every target 1..N-1 belongs to exactly one document."""
+    starts = [0] + [i for i in (tokens == bos).nonzero().flatten().tolist() if i > 0]
+    return [(s, e) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1]) if e > s]
+
+
+def rank_batches(lo: int, hi: int, rt) -> list[int]:
+    """This rank's batches among lo..hi-1: round-robin by index, fixed before any token is read (reproducible, no work
+    queue), so a rank's warm LoRA only ever carries documents that come earlier in the stream."""
+    return list(range(lo + (rt.rank - lo) % rt.world_size, hi, rt.world_size))
+
+
+def phase_plan(n_docs: int, cfg) -> list[tuple[int, int]]:
+    """(batches scored before the pause, documents the phase trains on) per global SGD phase: boundary k is the first
+    ttt_phase_docs*k/ttt_phases documents, the pause comes once the batch holding the last of them is scored. The
+    boundaries never depend on how many documents follow (that would read future BOS tokens)."""
+    bounds = sorted({cfg.ttt_phase_docs * k // cfg.ttt_phases for k in range(1, cfg.ttt_phases + 1)} - {0})
+    return [(math.ceil(b / cfg.ttt_doc_batch), b) for b in bounds if b <= n_docs]
+
+
+class DocLoRA:
+    """One LoRA per document row: weights (rows, r, in) and (rows, out, r), added as (x A^T) B^T alpha/r through
+    train_gpt's DELTA hook on c_q, c_k, c_v of every block visit, on the out-projection from the attention's normed
+    input, on the MLP output from the MLP's normed input, and on the logits before the softcap. A ~ U(+-1/sqrt(in))."""
+
+    def __init__(self, model: tg.GPT, cfg, rows: int):
+        self.model, self.cfg, self.rows, self.act, self.seen, self.inp = model, cfg, rows, None, {}, {}
+        U, r, dev = model.n_cores, cfg.ttt_lora_rank, model.tok_emb.weight.device
+        visits = collections.Counter(model.blocks[i].core for i in tg.layer_order(cfg, model.looping))
+        head = model.tok_emb.weight if model.lm_head is None else model.lm_head
+        shapes = {"tok_emb.weight" if model.lm_head is None else "lm_head": (*head.shape, 1)}  # name -> (out, in, visits)
+        self.src = {}  # the O and MLP adapters read the input of c_q and of mlp.fc
+        for c, n in visits.items():
+            pre = f"blocks.{c}."
+            for part, w in (("attn.c_q", model.qo_bank[c]), ("attn.c_k", model.kv_bank[c]), ("attn.c_v", model.kv_bank[U + c]),
+                            ("attn.proj", model.qo_bank[U + c]), ("mlp.proj", model.mlp_down_bank[c])):
+                shapes[f"{pre}{part}.weight"] = (w.size(0), cfg.model_dim, n)
+            self.src |= {pre + "attn.proj.weight": pre + "attn.c_q.weight", pre + "mlp.proj.weight": pre + "mlp.fc.weight"}
+        self.visits = {k: n for k, (_, _, n) in shapes.items()}
+        self.A = {(k, v): torch.zeros(rows, r, i, device=dev) for k, (o, i, n) in shapes.items() for v in range(n)}
+        self.B = {(k, v): torch.zeros(rows, o, r, device=dev) for k, (o, i, n) in shapes.items() for v in range(n)}
+        self.params = [p.requires_grad_() for p in (*self.A.values(), *self.B.values())]
+        self.scale = cfg.ttt_lora_alpha / r
+
+    def reset(self, seed: int | None) -> None:
+        """Zero every B and the AdamW state; with a seed also draw a fresh A (else A keeps what it learned), row r from
+        seed + r alone, so a document's A never depends on which documents share its batch."""
+        with torch.no_grad():
+            for B in self.B.values():
+                B.zero_()
+            g = torch.Generator(self.params[0].device)
+            for r in range(self.rows if seed is not None else 0):
+                g.manual_seed(seed + r)
+                for A in self.A.values():
+                    A[r] = (torch.rand(A.shape[1:], generator=g, device=A.device) * 2 - 1) / math.sqrt(A.size(-1))
+        c = self.cfg
+        self.opt = torch.optim.AdamW(self.params, lr=c.ttt_lora_lr, betas=(c.ttt_lora_beta1, c.ttt_lora_beta2), eps=c.ttt_lora_eps,
+                                     weight_decay=c.ttt_lora_wd)
+
+    def delta(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """train_gpt.DELTA: y plus each row's low-rank delta for weight `name` at its current block visit."""
+        self.inp[name] = x
+        if name not in self.visits:
+            return y
+        v = self.seen.get(name, 0)
+        self.seen[name] = v + 1
+        A, B = self.A[name, v % self.visits[name]], self.B[name, v % self.visits[name]]
+        A, B = (A, B) if self.act is None else (A[self.act], B[self.act])
+        h = torch.bmm(torch.bmm(self.inp[self.src.get(name, name)], A.transpose(1, 2)), B.transpose(1, 2))
+        return y + (self.scale * h).to(y.dtype)
+
+    def __call__(self, x: Tensor, y: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """The model's forward with the LoRAs of the document rows in self.act (None: all rows)."""
+        self.seen.clear()
+        self.inp.clear()
+        tg.DELTA = self.delta
+        try:
+            return self.model(x, y, reduction=reduction)
+        finally:
+            tg.DELTA = None
+
+    def step(self, nll: Tensor, mask: Tensor, idx: Tensor) -> None:
+        """One AdamW step on the sum over rows of each row's mean NLL over its masked targets (stream positions idx)."""
+        if TAP is not None:
+            TAP.trained(idx)
+        loss = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+        for p, g in zip(self.params, torch.autograd.grad(loss, self.params, allow_unused=True)):
+            p.grad = g
+        self.opt.step()
+        if TAP is not None:
+            TAP.clock += 1
+
+
+def lora_chunk(cfg, lora: DocLoRA, tokens: Tensor, docs: list, c: int, acc: Scores, tbytes: Tensor, device) -> None:
+    """Chunk c of each document of the batch that has one: one forward with the documents' LoRAs over at most T tokens
+    of the document ending at the chunk's end, the chunk's targets scored, then one AdamW step on them for the
+    documents with chunks left (a document's last chunk is never trained on)."""
+    L, T = cfg.ttt_lora_chunk, cfg.eval_seq_len or cfg.train_seq_len
+    act = [i for i, (s, e) in enumerate(docs) if e - s > L * c]
+    act = list(range(lora.rows)) if cfg.ttt_lora_rows == "fixed" else act  # fixed: the rows of finished documents stay
+    W = min(T, L * (c + 1))
+    seq, keep = torch.zeros(len(act), W + 1, dtype=torch.int64), torch.zeros(len(act), W, dtype=torch.bool)
+    base, more = torch.zeros(len(act), dtype=torch.int64), torch.zeros(len(act), 1, dtype=torch.bool)
+    for r, (s, e) in enumerate(docs[i] if i < len(docs) else (0, 0) for i in act):
+        if e - s <= L * c:
+            continue
+        lo, hi = L * c, min(L * c + L, e - s)  # targets s+1+lo .. s+hi; right padding is harmless under causal attention
+        ws = max(0, hi - T)
+        seq[r, : hi - ws + 1] = tokens[s + ws : s + hi + 1]
+        keep[r, lo - ws : hi - ws] = True
+        base[r], more[r] = s + ws + 1, hi < e - s
+    seq, keep, more = seq.to(device), keep.to(device), more.to(device)
+    pos = base.to(device)[:, None] + torch.arange(W, device=device)
+    lora.act = None if len(act) == lora.rows else torch.tensor(act, device=device)
+    with tg.autocast(cfg, device):
+        nll = lora(seq[:, :-1], seq[:, 1:], reduction="none").view(len(act), W)
+    scored, idx = nll.detach()[keep], pos[keep]
+    acc.add(scored, tbytes[idx], idx)
+    if TAP is not None:
+        with torch.no_grad():
+            TAP.scored(lora, seq[:, :-1], seq[:, 1:], keep, scored, idx)
+    if bool((keep & more).any()):
+        lora.step(nll, keep & more, pos[keep & more])
+
+
+def global_sgd(cfg, model: tg.GPT, tokens: Tensor, hi: int, rt) -> None:
+    """One phase on the base model: targets 1..hi in ttt_chunk_tokens chunks, cosine LR over them (the last chunk's
+    would be 0), gradients summed over the ranks by Adapter."""
+    adapter, C = Adapter(model, model, cfg, rt), cfg.ttt_chunk_tokens
+    n = math.ceil(hi / C)
+    for k in range(n - 1):
+        adapter.train(tokens, k * C, min((k + 1) * C, hi), cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * k / (n - 1))), cfg.ttt_epochs)
+
+
+def phased_ttt(cfg, model: tg.GPT, tokens: Tensor, tbytes: Tensor, rt, log, track=False, times=None) -> Scores:
+    """Score-first TTT with one LoRA per document, ttt_doc_batch documents per batch in stream order, chunk by chunk;
+    at each phase boundary the ranks pause and the base model trains on the first documents, all scored by then. Stream
+    order, not the record's longest-first: there warm A and the phases carry later documents into earlier ones' scores (C1)."""
+    acc, times, dev = Scores(tokens.numel(), rt.device, track), times if times is not None else {}, rt.device
+    docs = documents(tokens, cfg.bos_id)
+    batches = [docs[i : i + cfg.ttt_doc_batch] for i in range(0, len(docs), cfg.ttt_doc_batch)]
+    plan, lo = phase_plan(len(docs), cfg) if cfg.ttt_phase_docs else [], 0
+    for k, end in enumerate([e for e, _ in plan] + [len(batches)]):
+        t, lora = time.perf_counter(), None
+        for j in rank_batches(lo, end, rt):
+            rows = cfg.ttt_doc_batch if cfg.ttt_lora_rows == "fixed" else len(batches[j])
+            warm = lora is not None and lora.rows == rows and cfg.ttt_lora_warm_a
+            lora = lora if lora is not None and lora.rows == rows else DocLoRA(model, cfg, rows)
+            lora.reset(None if warm else cfg.seed * 1_000_003 + j * cfg.ttt_doc_batch)  # seed + document index
+            for c in range(math.ceil(max(e - s for s, e in batches[j]) / cfg.ttt_lora_chunk)):
+                lora_chunk(cfg, lora, tokens, batches[j], c, acc, tbytes, dev)
+        if rt.distributed:
+            tg.dist.barrier()
+        dt, t = time.perf_counter() - t, time.perf_counter()
+        if k < len(plan):
+            if TAP is not None:  # a logical clock: each phase step comes after every scoring before the pause, on any rank
+                TAP.clock = int(tg.all_reduce_(torch.tensor([TAP.clock], device=dev), tg.dist.ReduceOp.MAX if rt.distributed else None))
+            global_sgd(cfg, model, tokens, docs[plan[k][1] - 1][1], rt)  # documents 0..boundary-1: targets 1..e of the last
+        times["scoring"], times["training"] = times.get("scoring", 0.0) + dt, times.get("training", 0.0) + time.perf_counter() - t
+        if log:
+            log(f"ttt_phase:{k + 1}/{len(plan) + 1} batches:{lo}..{end - 1} of {len(batches)} score_time:{dt:.1f}s "
+                f"sgd_docs:{plan[k][1] if k < len(plan) else 0} sgd_time:{time.perf_counter() - t:.1f}s")
+        lo = end
+    return acc
+
+
 def run_mode(cfg, model, fn, tokens, tbytes, rt, log=None, track=False, times=None) -> Scores:
     """One full evaluation in cfg.eval_mode; the model ends adapted (callers restore it)."""
     T = cfg.eval_seq_len or cfg.train_seq_len
@@ -290,6 +479,8 @@ def run_mode(cfg, model, fn, tokens, tbytes, rt, log=None, track=False, times=No
         score(cfg, fn, tokens, mine(wins, rt), tbytes, acc, rt.device)
         times["scoring"] = time.perf_counter() - t
         return acc.reduce()
+    if cfg.eval_mode == "phased_ttt":  # eager: the LoRA rides on train_gpt's DELTA hook
+        return phased_ttt(cfg, model, tokens, tbytes, rt, log, track, times).reduce()
     if cfg.eval_mode == "legal_ttt":
         return legal_ttt(cfg, model, fn, tokens, wins, tbytes, rt, log, track, times=times).reduce()
     if cfg.eval_mode == "prequant_ttt":  # illegal: adapt on all of val, re-quantize, then score
