@@ -34,7 +34,7 @@ SIZE_CAP = 16_000_000  # decimal bytes: code + artifact
 TIME_CAP_S = 600.0  # training and evaluation, each on its own
 CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # = train_gpt.CODE_FILES (read-only tool: no import)
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
-EVAL_MODES = ("sliding", "legal_ttt", "multipass_min", "prequant_ttt")
+EVAL_MODES = ("sliding", "legal_ttt", "phased_ttt", "multipass_min", "prequant_ttt")
 LN2 = math.log(2.0)
 SEP = "=" * 100
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -45,7 +45,7 @@ NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 # Score preference, best first. Within a tier the LAST line wins: official scripts print their final
 # score last, sometimes under a legacy label (final_int8_zlib_roundtrip_exact holding a sliding or TTT
 # score: seed-results.md section 7 item 6), so the label is always reported with the value.
-SCORE_TIERS = (r"legal_ttt", r"^(multipass_min|prequant_ttt)$", r"^final_.*sliding_window", r"^quantized_ttt", r"^quantized_sliding_window",
+SCORE_TIERS = (r"legal_ttt|^phased_ttt$", r"^(multipass_min|prequant_ttt)$", r"^final_.*sliding_window", r"^quantized_ttt", r"^quantized_sliding_window",
                r"^final_.*ttt", r"^final_.*roundtrip")
 # Official variants: 'final_sliding_window_eval_exact stride:64 val_loss:...' (settings before val_loss) and
 # 'final_int8_zlib_roundtrip sliding val_loss:N sliding val_bpb:N' (a qualifier word: it joins the label).
@@ -510,7 +510,7 @@ def compliance(r: RunLog, sc: Score) -> dict:
             "train_under_600s": r.train_s + (r.info.get("calib_s") or 0) <= TIME_CAP_S + train_grace_s(r),
             "eval_under_600s": None if r.eval_s is None else r.eval_s <= TIME_CAP_S,
             "artifact_under_16mb": None if r.total_bytes is None else r.total_bytes <= SIZE_CAP, "no_val_in_training": None if leak is None else leak == 0,
-            "score_first_ttt": bool(ev and ev["mode"] == "legal_ttt"), "reasons": reasons}
+            "score_first_ttt": bool(ev and ev["mode"] in ("legal_ttt", "phased_ttt")), "reasons": reasons}
 
 
 def self_checks(r: RunLog, ev: dict | None) -> list[str]:
@@ -704,7 +704,7 @@ def record_readme(a, runs, scores, comp, sig, sub, plots) -> str:
          + f") | **{sub['bytes_total']:,} bytes** (max over seeds) | {sub['hardware']} | `{a.track}` | {sub['date']}", ""]
     L += [a.blurb, ""] if a.blurb else []
     L += [f"Built by `make_record.py` from the logs only. Score line: `{', '.join(sorted({s.name for s in scores}))}`"
-          + (" (chosen with --score-label)." if a.score_label else " (preference: legal_ttt > sliding window > quantized_ttt > roundtrip)."), ""]
+          + (" (chosen with --score-label)." if a.score_label else " (preference: legal_ttt / phased_ttt > sliding window > quantized_ttt > roundtrip)."), ""]
     rows = [{"seed": int(k), **v} for k, v in sub["seed_results"].items()]
     L += ["| " + " | ".join(c[0] for c in README_COLS) + " |", "|" + "---|" * len(README_COLS)]
     L += ["| " + " | ".join(str(row[key]) if spec is None else fmt(row[key], spec) for _, key, spec in README_COLS) + " |" for row in rows]
@@ -882,7 +882,7 @@ def validate(folder) -> tuple[list[str], list[str]]:
     for r in logs.values():
         if not r.score():
             P.append(f"{Path(r.path).name}: no score line " + (f"{r.label} (its seed_results score_label)" if r.label else
-                     "(legal_ttt_exact, final_*sliding_window*_exact, quantized_ttt*_exact or final_*_roundtrip_exact)"))
+                     "(legal_ttt_exact, phased_ttt_exact, final_*sliding_window*_exact, quantized_ttt*_exact or final_*_roundtrip_exact)"))
         N += [f"{Path(r.path).name}: {x}" for x in r.score_notes()]
     logs = check_claims(sub, groups, logs, ours, seeds is None, P, N)
     track = sub["track"] if isinstance(sub.get("track"), str) else next((t for t in reversed(f.resolve().parts) if t.startswith("track_")), "")

@@ -488,3 +488,10 @@ def test_code_files_agree_with_trainer():
     import train_gpt as tg
     assert mr.CODE_FILES == tg.CODE_FILES
     assert all((ROOT / f).is_file() for f in tg.CODE_FILES)
+
+
+def test_phased_ttt_score_is_the_record_score(tmp_path):
+    # a phased_ttt eval is score-first TTT: its exact line beats the sliding score it also prints
+    r = mr.parse_log(write(tmp_path / "p.txt", ours(mode="phased_ttt", ttt=4.3000)))
+    assert r.score().label == "phased_ttt" and r.score().bpb == pytest.approx(4.3)
+    assert mr.compliance(r, r.score())["score_first_ttt"] is True and "phased_ttt" in mr.EVAL_MODES
