@@ -1345,8 +1345,8 @@ def calibrate(r: Run, quantize) -> dict | None:
     return quantize.finalize_hessians(H)
 
 def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> None:
-    """Resumable checkpoint, weight average, GPTQ calibration, raw weights, artifact, size accounting,
-    then the score of the artifact re-loaded from disk into the model."""
+    """Resumable checkpoint, weight average, GPTQ calibration, raw weights, then one quantize.export (artifact and size
+    lines), then every rank scores the artifact re-read from disk: what is submitted is what is scored."""
     import quantize
     cfg, rt, log = r.cfg, r.rt, r.log
     save_checkpoint(r)
@@ -1361,7 +1361,8 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
     if rt.is_main:
         state = unbank({k: v.detach().cpu() for k, v in r.base.state_dict().items()})
         atomic_save(state, r.out_dir / "final_model.pt")
-        quantize.export(art_path, state, asdict(cfg), (r.out_dir / "final_model.pt").stat().st_size, hessians, r.dataset, r.sources, log)
+        quantize.export(art_path, state, asdict(cfg), (r.out_dir / "final_model.pt").stat().st_size, hessians=hessians,
+                        dataset=r.dataset, code_texts=r.sources, log=log)
     sync(rt.device)  # the artifact is on disk before any rank reads it
     t = time.perf_counter()
     state, _, _ = quantize.read_artifact(art_path)
