@@ -103,12 +103,13 @@ def test_wrapped_code_files_import_and_run(tmp_path):
     assert imp.returncode == 0 and imp.stdout == "quantize.py\n", imp.stderr
     dry = [run(["train_gpt.py", "--config", str(ROOT / "configs/smoke.toml"), "--dry-run"], d, timeout=300) for d in (ROOT, tmp_path)]
     assert dry[1].returncode == 0, dry[1].stderr
-    keep = lambda out: [ln for ln in out.splitlines() if ln.startswith("model_params:") or ln.startswith("artifact_plan: attn")]  # noqa: E731
+    keep = lambda out: [ln for ln in out.splitlines() if ln.startswith(("model_params:", "artifact_plan: attn"))]  # noqa: E731
     assert keep(dry[0].stdout) == keep(dry[1].stdout) and len(keep(dry[0].stdout)) == 2
     g = torch.Generator().manual_seed(0)
     torch.save({"tok_emb.weight": torch.randn(512, 160, generator=g), "blocks.0.mlp.fc.weight": torch.randn(256, 128, generator=g)},
                tmp_path / "final_model.pt")
-    cli = [run([str(d / "quantize.py"), "final_model.pt", "--scheme", "mixed", "--compressor", "brotli"], tmp_path) for d in (ROOT, tmp_path)]
+    cli = [run([str(d / "quantize.py"), "final_model.pt", "--scheme", "mixed", "--compressor", "brotli"], tmp_path)
+           for d in (ROOT, tmp_path)]
     assert cli[1].returncode == 0, cli[1].stderr
     same = lambda out: [ln.split("code_bytes:")[0] for ln in out.splitlines()]  # noqa: E731
     assert same(cli[0].stdout) == same(cli[1].stdout) and "artifact_bytes:" in cli[1].stdout

@@ -77,8 +77,8 @@ def test_checkpoints_carry_their_bank_layout(tmp_path):
 
 def test_export_writes_the_artifact_and_logs_the_official_lines(tmp_path):
     g = torch.Generator().manual_seed(0)
-    state = {"tok_emb.weight": torch.randn(512, 160, generator=g) * 0.1, "blocks.0.attn.c_q.weight": torch.randn(128, 64, generator=g) * 0.05,
-             "blocks.0.attn_scale": torch.ones(64)}
+    state = {"tok_emb.weight": torch.randn(512, 160, generator=g) * 0.1, "blocks.0.attn_scale": torch.ones(64),
+             "blocks.0.attn.c_q.weight": torch.randn(128, 64, generator=g) * 0.05}
     texts = {"train_gpt.py": "print(1)\n", "quantize.py": "X = 2\n"}
     lines = []
     st = q.export(tmp_path / "a.ptz", state, {"quant_scheme": "int8", "compressor": "zlib", "model_dim": 64}, 1234,
