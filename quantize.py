@@ -8,6 +8,7 @@ entropy coder recovers the unused bits; bit-packing measured 16-21% larger).
 File = MAGIC | u16 version | u8 flags (bit 0: byte shuffle) | u8 n | compressor name | u32 crc32 |
 u64 container length | compressed container; container = u32 n | JSON header | raw tensor bytes.
 CLI: python3 quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
+A leaf: never imports train_gpt.py. The trainer calls export() once; the CLI reads TOML quant keys and bank layouts itself.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import platform
 import struct
 import sys
+import time
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
@@ -28,18 +30,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import train_gpt as tg
-
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
-CODE_FILES = tg.CODE_FILES
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # = train_gpt.CODE_FILES (a leaf: no import)
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
 INT8_CLIP_Q = 0.9999984  # per-row clip quantile of the official baseline
 GPTQ_LITE_LEVELS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GROUPS = ("attn", "mlp", "embed", "other")
 CLIP_RULES = ("max", "percentile", "gptq_lite", "sdclip")
-BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+# Bank layout of trainer checkpoints that predate storing their own ("banks"): {bank: per-core matrix names}.
+CKPT2_BANKS = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"),
+               "mlp_up_bank": ("mlp.fc",), "mlp_down_bank": ("mlp.proj",)}
 
 
 @dataclass
@@ -73,7 +75,8 @@ class QuantConfig:
     lqer_bits: int = 4  # bits of the LQER factors (2..8)
     compressor: str = "zlib"  # zlib | lzma | zstd | brotli
     byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
-    code_packed: bool = False  # count code bytes of the packed (minified, lzma, base85) twins
+    code_packed: bool = False  # count code bytes of the packed, self-extracting twins (code_packer), not the raw files
+    code_packer: str = "lzma"  # lzma (no docstrings/comments, LZMA2: PR #1812) | minify_brotli (pyminify, brotli-11: PR #1855); both base85
     record_mode: bool = False  # over the 16,000,000-byte cap is an error, not a warning
 
 
@@ -495,9 +498,27 @@ def read_artifact(path) -> tuple[dict[str, Tensor], dict, dict]:
 # -----------------------------------------------------------------------------
 # Code bytes and the budget: the files a record ships to run count toward the 16,000,000-byte cap.
 
-def pack_code(src: str) -> str:
-    """Deterministic self-extracting form of a Python source: docstrings and comments removed (ast),
-    raw LZMA2 (preset 9e), base85, two lines. Same output for the same source and Python version."""
+def _minifier():
+    """-> (python_minifier or None, what minifies): without the package the text stays raw, as in PR #1855's script."""
+    try:
+        import importlib.metadata
+        import python_minifier
+    except ImportError:
+        return None, "python-minifier not installed: raw text"
+    return python_minifier, f"python-minifier {importlib.metadata.version('python-minifier')}"
+
+def pack_code(src: str, packer: str = "lzma") -> str:
+    """Deterministic two-line self-extracting form of a Python source. lzma: docstrings and comments removed (ast), raw LZMA2
+    (preset 9e), base85. minify_brotli (PR #1855, spec 3.7): pyminify with the record's options (locals keep their names, no
+    literal hoisting, docstrings and asserts removed, single line where possible), brotli quality 11, base85."""
+    if packer == "minify_brotli":
+        pm = _minifier()[0]
+        text = pm.minify(src, rename_locals=False, hoist_literals=False, remove_literal_statements=True, remove_asserts=True,
+                         prefer_single_line=True) if pm else src
+        body = base64.b85encode(_lib("brotli").compress(text.encode(), quality=11)).decode()
+        return 'import brotli as B,base64 as A\nexec(B.decompress(A.b85decode("' + body + '")))\n'
+    if packer != "lzma":
+        raise ValueError(f"code_packer={packer!r} is not one of lzma, minify_brotli")
     tree = ast.parse(src)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -509,20 +530,24 @@ def pack_code(src: str) -> str:
     return ('import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("' + base64.b85encode(raw).decode()
             + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
 
-def pack_files(root, out_dir) -> dict[str, int]:
+def pack_files(root, out_dir, packer: str = "lzma") -> dict[str, int]:
     """Write packed twins of the CODE_FILES present in root into out_dir; -> {file: bytes}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in (f for f in CODE_FILES if (Path(root) / f).is_file()):
-        (out / f).write_text(pack_code((Path(root) / f).read_text(encoding="utf-8")), encoding="utf-8")
+        (out / f).write_text(pack_code((Path(root) / f).read_text(encoding="utf-8"), packer), encoding="utf-8")
     return {f: (out / f).stat().st_size for f in CODE_FILES if (Path(root) / f).is_file()}
 
-def code_size(root, packed: bool = False, texts: dict[str, str] | None = None) -> tuple[int, str]:
-    """-> (code bytes, detail); the detail starts with 'raw' or 'packed' (which count was used).
-    texts: {file name: source} as read at the start of a run, so the count matches what ran."""
+def code_size(root, packed: bool = False, texts: dict[str, str] | None = None, packer: str = "lzma") -> tuple[int, str]:
+    """-> (code bytes, detail: 'raw' or 'packed', bytes per file, for packed the packer and the raw bytes). texts: {file name:
+    source} as read at the start of a run, so the count matches what ran."""
     texts = texts or {f: (Path(root) / f).read_bytes().decode("utf-8") for f in CODE_FILES if (Path(root) / f).is_file()}
-    sizes = {name: len((pack_code(src) if packed else src).encode()) for name, src in texts.items()}
-    return sum(sizes.values()), ("packed " if packed else "raw ") + " ".join(f"{k}:{v}" for k, v in sizes.items())
+    sizes = {name: len((pack_code(src, packer) if packed else src).encode()) for name, src in texts.items()}
+    detail = ("packed " if packed else "raw ") + " ".join(f"{k}:{v}" for k, v in sizes.items())
+    if packed:
+        tool = f" ({_minifier()[1]})" if packer == "minify_brotli" else ""
+        detail += f"; packer {packer}{tool}, raw {sum(len(t.encode()) for t in texts.values())} bytes"
+    return sum(sizes.values()), detail
 
 def check_budget(total: int, record_mode: bool = False, cap: int = SIZE_CAP_BYTES) -> str | None:
     """Over the decimal cap: ValueError in record mode, else a warning string. Under: None."""
@@ -532,6 +557,30 @@ def check_budget(total: int, record_mode: bool = False, cap: int = SIZE_CAP_BYTE
     if record_mode:
         raise ValueError(msg + ": not a valid record")
     return "WARNING: " + msg
+
+def export(path, state: dict[str, Tensor], config: dict, raw_bytes: int, hessians: dict | None = None, dataset: dict | None = None,
+           code_texts: dict[str, str] | None = None, log=print) -> dict:
+    """The trainer's one call: write_artifact, then count the code (code_texts: as read at the start of the run) and log the
+    official size lines (raw_bytes: final_model.pt), the group table and the cap check (record mode: ValueError after them)."""
+    c = quant_settings(config)
+    code, detail = code_size(Path(__file__).resolve().parent, c["code_packed"], code_texts, c["code_packer"])
+    log(f"Serialized model: {raw_bytes} bytes")
+    log(f"Code size: {code} bytes ({detail})")
+    log(f"Total submission size: {raw_bytes + code} bytes (unquantized final_model.pt + code: not what is submitted)")
+    t = time.perf_counter()
+    st = write_artifact(path, state, config, hessians=hessians, dataset=dataset)
+    tag, n = f"{c['quant_scheme']}+{c['compressor']}", sum(v.numel() for v in state.values())
+    log(f"artifact:{path}")
+    log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
+        f"payload_ratio:{st['payload_ratio']:.2f}x) serialize_time:{1000 * (time.perf_counter() - t):.0f}ms "
+        f"compressor:{st['compressor_version']}")
+    for line in group_table(st, c["compressor"], c["byte_shuffle"]):
+        log(f"quant_table: {line}")
+    total = st["artifact_bytes"] + code
+    log(f"Total submission size {tag}: {total} bytes (artifact + code: the size the {SIZE_CAP_BYTES:,}-byte cap counts)")
+    log(f"bits_per_param:{8 * st['artifact_bytes'] / n:.3f} (artifact bytes * 8 / {n} params)")
+    log(check_budget(total, c["record_mode"]) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
+    return {**st, "code_bytes": code, "code_detail": detail, "total": total}
 
 # -----------------------------------------------------------------------------
 # Budget planner. BITS_TABLE[rule][compressor] = compressed bits per parameter at 5, 6, 7, 8 bits
@@ -650,26 +699,54 @@ def setting_key(k: str) -> str:
             return prefix + k
     raise ValueError(f"unknown quant setting '{k}' (keys: {', '.join(QUANT_DEFAULTS)})")
 
+def coerce(key: str, value, typ: type, source: str):
+    """A TOML or command-line value as the key's type, by the trainer's rules (train_gpt._coerce: a leaf keeps its own)."""
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    try:
+        if isinstance(value, str) and typ is not str:
+            return words[value.strip().lower()] if typ is bool else typ(value.strip().lower())
+        if type(value) is typ or (type(value) is int and (typ is float or (typ is bool and value in (0, 1)))):
+            return typ(value)
+    except (KeyError, ValueError):
+        pass
+    raise ValueError(f"config key '{key}' from {source}: {value!r} is not a valid {typ.__name__}")
+
 def parse_setting(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ValueError(f"setting '{item}' is not key=value")
     k, v = item.split("=", 1)
     key = setting_key(k.strip())
-    return key, tg._coerce(key, v.strip(), type(QUANT_DEFAULTS[key]), "--set")
+    return key, coerce(key, v.strip(), type(QUANT_DEFAULTS[key]), "--set")
 
 def load_toml_settings(path) -> dict:
-    """The quant keys of a trainer TOML file, read by the trainer's own config loader."""
-    cfg, src = tg.load_config(path, {}, {})  # only keys the file sets, so checkpoint settings stay unless overridden
-    return {k: getattr(cfg, k) for k in src if k in QUANT_DEFAULTS}
+    """The quant keys a trainer TOML file sets (tables only group keys), typed; its other keys belong to the trainer."""
+    import tomllib  # Python >= 3.11, as for the trainer's TOML configs
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    flat = {}
+    for k, v in data.items():
+        flat.update(v if isinstance(v, dict) else {k: v})
+    return {k: coerce(k, v, type(QUANT_DEFAULTS[k]), str(path)) for k, v in flat.items() if k in QUANT_DEFAULTS}
+
+def unbank(state: dict, banks: dict) -> dict:
+    """Banks ({bank: per-core matrix names}) split into 2-D blocks.{core}.{name}.weight, as train_gpt.unbank does."""
+    out = {k: v for k, v in state.items() if k not in banks}
+    for name, parts in banks.items():
+        n = state[name].size(0) // len(parts) if name in state else 0
+        out.update({f"blocks.{c}.{part}.weight": state[name][j * n + c] for j, part in enumerate(parts) for c in range(n)})
+    return out
 
 def load_checkpoint(path) -> tuple[dict, dict]:
-    """final_model.pt (raw state dict) or ckpt_step*.pt ({"model", "config", ...}) -> (2-D state, config)."""
+    """final_model.pt (raw state dict) or ckpt_step*.pt ({"model", "config", "banks", ...}) -> (2-D state, config)."""
     ck = load_torch(path, "trainer checkpoint (final_model.pt or ckpt_step*.pt)")
-    state, config = (ck["model"], ck.get("config") or {}) if isinstance(ck, dict) and "model" in ck else (ck, {})
+    wrapped = isinstance(ck, dict) and "model" in ck
+    state, config = (ck["model"], ck.get("config") or {}) if wrapped else (ck, {})
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
     state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    return (tg.unbank(state) if any(b in state for b in BANK_NAMES) else state), config
+    return unbank(state, (ck.get("banks") if wrapped else None) or CKPT2_BANKS), config
 
 def summarize(rs: list) -> tuple[int, float, float | None]:
     """Report rows -> (params, weight MSE over all their elements, mean relative Hessian error)."""
@@ -717,7 +794,7 @@ def main(argv: list[str]) -> None:
     if hessians is not None and not (isinstance(hessians, dict) and all(isinstance(h, Tensor) and h.dim() == 2 for h in hessians.values())):
         raise ArtifactError(f"{args.hessians} is not a Hessian file: expected {{weight name: (in x in) tensor}}")
     c = quant_settings(base)
-    code, detail = code_size(Path(__file__).resolve().parent, packed=args.packed or c["code_packed"])
+    code, detail = code_size(Path(__file__).resolve().parent, args.packed or c["code_packed"], packer=c["code_packer"])
     blob, st = build_artifact(state, config, c, hessians)
     print(f"checkpoint:{args.checkpoint} scheme:{c['quant_scheme']} compressor:{st['compressor_version']} byte_shuffle:{st['byte_shuffle']}")
     print("\n".join(group_table(st, c["compressor"], c["byte_shuffle"])))
@@ -739,5 +816,8 @@ def main(argv: list[str]) -> None:
         print(f"{spec:<40}{s2['artifact_bytes']:>15,}{s2['artifact_bytes'] + code:>12,}{mse:>12.3e}{_fmt(herr):>10}")
 
 if __name__ == "__main__":
-    sys.modules.setdefault("quantize", sys.modules[__name__])  # the trainer's config loader imports this module
-    tg.run_cli(main)
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FloatingPointError, OSError) as e:  # bad input, checkpoint, artifact or path: one line, as the trainer's CLI
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1062,7 +1062,7 @@ def save_checkpoint(r: Run) -> None:
     path = r.out_dir / f"ckpt_step{r.step:06d}.pt"
     atomic_save({"format": "pgolf-ckpt/2", "step": r.step, "training_time_ms": r.train_ms, "config": asdict(r.cfg),
                  "model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "opt": opt,
-                 "avg": r.avg.state_dict(), "looping": r.base.looping, "loader": r.loader.state()}, path)
+                 "avg": r.avg.state_dict(), "looping": r.base.looping, "loader": r.loader.state(), "banks": BANKS}, path)
     old = sorted(r.out_dir.glob("ckpt_step*.pt"))
     for f in old[: max(len(old) - r.cfg.keep_checkpoints, 0)]:
         f.unlink()
@@ -1131,7 +1131,8 @@ def artifact_plan(cfg: Config, model: nn.Module, texts: dict | None = None) -> l
     import quantize
 
     c = asdict(cfg)
-    p = quantize.plan(quantize.param_groups_of(unbank(model.state_dict()), c), c, quantize.code_size(HERE, cfg.code_packed, texts)[0])
+    code = quantize.code_size(HERE, cfg.code_packed, texts, cfg.code_packer)[0]
+    p = quantize.plan(quantize.param_groups_of(unbank(model.state_dict()), c), c, code)
     return [f"artifact_plan: {line}" for line in quantize.format_plan(p).splitlines()]
 
 def run_id_default(cfg_path: str | None, seed: int) -> str:
@@ -1346,8 +1347,8 @@ def calibrate(r: Run, quantize) -> dict | None:
     return quantize.finalize_hessians(H)
 
 def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> None:
-    """Resumable checkpoint, weight average, GPTQ calibration, raw weights, artifact, size accounting,
-    then the score of the artifact re-loaded from disk into the model."""
+    """Resumable checkpoint, weight average, GPTQ calibration, raw weights, then one quantize.export (artifact and size
+    lines), then every rank scores the artifact re-read from disk: what is submitted is what is scored."""
     import quantize
     cfg, rt, log = r.cfg, r.rt, r.log
     save_checkpoint(r)
@@ -1359,26 +1360,11 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
         log(f"post_average val_loss:{val_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     hessians = calibrate(r, quantize)
     art_path = r.out_dir / f"final_model.{cfg.quant_scheme}.ptz"
-    code_bytes, code_detail = quantize.code_size(HERE, cfg.code_packed, r.sources)
     if rt.is_main:
         state = unbank({k: v.detach().cpu() for k, v in r.base.state_dict().items()})
         atomic_save(state, r.out_dir / "final_model.pt")
-        raw_bytes = (r.out_dir / "final_model.pt").stat().st_size
-        log(f"Serialized model: {raw_bytes} bytes")
-        log(f"Code size: {code_bytes} bytes ({code_detail})")
-        log(f"Total submission size: {raw_bytes + code_bytes} bytes (unquantized final_model.pt + code: not what is submitted)")
-        t = time.perf_counter()
-        st = quantize.write_artifact(art_path, state, asdict(cfg), hessians=hessians, dataset=r.dataset)
-        tag = f"{cfg.quant_scheme}+{cfg.compressor}"
-        log(f"artifact:{art_path}")
-        log(f"Serialized model {tag}: {st['artifact_bytes']} bytes (payload:{st['payload_bytes']} container:{st['container_bytes']} "
-            f"payload_ratio:{st['payload_ratio']:.2f}x) serialize_time:{1000 * (time.perf_counter() - t):.0f}ms compressor:{st['compressor_version']}")
-        for line in quantize.group_table(st, cfg.compressor, cfg.byte_shuffle):
-            log(f"quant_table: {line}")
-        total = st["artifact_bytes"] + code_bytes
-        log(f"Total submission size {tag}: {total} bytes (artifact + code: the size the {SIZE_CAP_BYTES:,}-byte cap counts)")
-        log(f"bits_per_param:{8 * st['artifact_bytes'] / count_params(r.base):.3f} (artifact bytes * 8 / {count_params(r.base)} params)")
-        log(quantize.check_budget(total, cfg.record_mode) or f"size_margin: {SIZE_CAP_BYTES - total} bytes under the {SIZE_CAP_BYTES:,}-byte cap")
+        quantize.export(art_path, state, asdict(cfg), (r.out_dir / "final_model.pt").stat().st_size, hessians=hessians,
+                        dataset=r.dataset, code_texts=r.sources, log=log)
     sync(rt.device)  # the artifact is on disk before any rank reads it
     t = time.perf_counter()
     state, _, _ = quantize.read_artifact(art_path)
@@ -1393,7 +1379,7 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
 
 def rescue(r: Run, err: Exception) -> str:
     """A failed final write must not lose a trained model: its weights go to the first place that takes them."""
-    ck = {"model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "config": asdict(r.cfg)}
+    ck = {"model": {k: v.detach().cpu() for k, v in r.base.state_dict().items()}, "config": asdict(r.cfg), "banks": BANKS}
     for path in (Path(d) / f"{r.cfg.run_id}_rescued_weights.pt" for d in (r.out_dir, "logs", os.environ.get("TMPDIR", "/tmp"))):
         try:
             atomic_save(ck, path)

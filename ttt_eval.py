@@ -764,7 +764,7 @@ def main(argv: list[str]) -> None:
     t_all = time.perf_counter()
     flags = {a for a in argv if a in ("--check-legality", "--allow-illegal", "--allow-data-mismatch")}
     argv = [a for a in argv if a not in flags]
-    opts, overrides = tg.parse_cli(argv, ("config", "artifact"), usage=__doc__ + FLAGS, keys=EVAL_KEYS)
+    opts, overrides = tg.parse_cli(argv, ("config", "artifact"), usage=(__doc__ or "") + FLAGS, keys=EVAL_KEYS)
     artifact = opts["artifact"]
     if not artifact:
         raise ValueError("give the artifact: ttt_eval.py --artifact runs/ID/final_model.<scheme>.ptz (see ttt_eval.py -h)")

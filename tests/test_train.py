@@ -71,7 +71,7 @@ OFFICIAL_LINES = [
     r"^quant_gap val_bpb:[-+]\d\.\d{6} \(roundtrip ",
     r"^bits_per_param:\d\.\d{3} ",
     r"^gptq_calibration:\d+ hessians source:train ",
-    r"^artifact_plan: estimate \(brotli\): model [\d,]+ \+ code [\d,]+ = ",
+    r"^artifact_plan: estimate \(brotli\): model [\d,]+ (\(header [\d,]+\) )?\+ code [\d,]+ = ",
     r"^quant_table: attn +\d+ +[\d,]+ +6 +sdclip k=12.85 +gptq ",
     r"^size_margin: \d+ bytes under",
     r"^config:\{",
