@@ -188,12 +188,12 @@ def hessian_error(e: Tensor, H: Tensor) -> float:
     """trace(E H E^T): the increase of the layer's squared output error over the calibration set."""
     return float(((e @ H) * e).sum())
 
-def damped(H: Tensor, d: float, rule: str = "mean") -> Tensor:
+def damped(H: Tensor, d: float, rule: str = "diag") -> Tensor:
     """H with its diagonal raised: by d*mean(diag H) everywhere (mean), or each entry by its own d*H_jj (diag)."""
     return H + torch.diag(d * (torch.diag(H) if rule == "diag" else torch.diag(H).mean().abs().expand(H.shape[0])))
 
 def gptq_quantize(w: Tensor, H: Tensor, s: Tensor, bits: int, damp: float = 0.01, block: int = 128,
-                  act_order: bool = True, damp_rule: str = "mean") -> tuple[Tensor, str]:
+                  act_order: bool = True, damp_rule: str = "diag") -> tuple[Tensor, str]:
     """Full-Hessian GPTQ with fixed per-row scales s. -> (int8 q, note); the note names the reason
     when it falls back to round-to-nearest (non-finite H, Cholesky failing at every damping)."""
     r = 2 ** (bits - 1) - 1
@@ -629,7 +629,7 @@ def param_groups_of(shapes: dict, cfg: dict | None = None) -> dict[str, int]:
 # Calibration on measured artifacts (2026-12-06): the random draws above miss what training and GPTQ do to
 # weights. The smoke artifact (configs/smoke.toml, 150 steps, GPTQ, brotli + shuffle) compressed GPTQ'd attn/mlp
 # to GPTQ_BYTES_FACTOR x the table and its GPTQ'd int8 embedding lower; the container header is ~HEADER_BYTES.
-# PLAN_ERROR = plan / real model bytes - 1 (records: their logged mean model bytes at their config's shape).
+# PLAN_ERROR = plan / real model bytes - 1 (records: their logged mean model bytes, torch.save containers, at their shape).
 # Uncalibrated rules stay off by up to 12%: one factor cannot fit #473 and #526 (same rule, different training).
 GPTQ_BYTES_FACTOR = {"attn": 1.0315, "mlp": 1.0315, "embed": 0.869}
 HEADER_BYTES = 2_500
