@@ -68,7 +68,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def exercise(r, luts, tokens):
+def exercise(r, tbytes, tokens):
     """Warm every path (and looping state), then the counted run: returns what is compared."""
     states = [False, True] if r.cfg.num_loops else [False]
     out = {}
@@ -80,9 +80,9 @@ def exercise(r, luts, tokens):
             for looping in states:
                 r.base.looping = looping
                 out[f"loss{looping}{phase}"] = tg.train_step(r, 1.0, 0.95)
-                out[f"eval{looping}{phase}"] = tg.eval_val(r.cfg, r.model, r.rt, tokens, luts)[0]
+                out[f"eval{looping}{phase}"] = tg.eval_val(r.cfg, r.model, r.rt, tokens, tbytes)[0]
             wins = te.windows(tokens.numel(), T, r.cfg.eval_stride)
-            out[f"ttt{phase}"] = te.legal_ttt(r.cfg, r.base, r.model, tokens, wins, luts, r.rt, None).sums
+            out[f"ttt{phase}"] = te.legal_ttt(r.cfg, r.base, r.model, tokens, wins, tbytes, r.rt, None).sums
         finally:
             torch._dynamo.config.error_on_recompile = False
     out["params"] = torch.cat([p.detach().flatten() for p in r.base.parameters()])
@@ -95,10 +95,10 @@ def exercise(r, luts, tokens):
 def test_compiled_equals_eager_on_cpu(name):
     torch._dynamo.reset()
     V = TINY["vocab_size"]
-    luts = (torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
     tokens = torch.randint(0, V, (3 * T + 1,), generator=torch.Generator().manual_seed(2), dtype=torch.int64)
-    eager = exercise(setup(name, False), luts, tokens)
-    comp = exercise(setup(name, True), luts, tokens)
+    tbytes = torch.ones(tokens.numel(), dtype=torch.int32)  # one byte per target (val_target_bytes' shape)
+    eager = exercise(setup(name, False), tbytes, tokens)
+    comp = exercise(setup(name, True), tbytes, tokens)
     assert comp["breaks"] == 0 and comp["graphs_after_warmup"] == 0, (name, comp["breaks"], comp["graphs_after_warmup"])
     diffs = {k: close(torch.as_tensor(comp[k]).double(), torch.as_tensor(eager[k]).double())
              for k in eager if k not in ("graphs_after_warmup", "breaks")}
