@@ -35,6 +35,7 @@ FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
 CODE_FILES = tg.CODE_FILES
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
+LQER_GROUP = 64  # lqer_mode=asym: B values per fp16 scale
 INT8_CLIP_Q = 0.9999984  # per-row clip quantile of the official baseline
 GPTQ_LITE_LEVELS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GROUPS = ("attn", "mlp", "embed", "other")
@@ -71,7 +72,11 @@ class QuantConfig:
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
     lqer_top_k: int = 3  # matrices that get an LQER correction
     lqer_bits: int = 4  # bits of the LQER factors (2..8)
-    compressor: str = "zlib"  # zlib | lzma | zstd | brotli
+    lqer_mode: str = "sym"  # sym (factors per row at lqer_bits) | asym (PR #1855: int2 A, one scale; int4 B in groups of 64; top-k by |E|_F)
+    quant_gate_int8: bool = False  # 2-D *.attn_gate_w with 32..8192 values: int8 per row (max/127), not fp16 passthrough
+    compressor: str = "zlib"  # zlib | lzma | zstd | brotli | pergroup (role streams: row sort, transpose, context mixing)
+    pergroup_backend: str = "zpaq"  # pergroup role streams: zpaq (pip install zpaq) | ppmd (pip install pyppmd)
+    pergroup_level: int = 5  # zpaq method 1..5 (5: strongest, slowest) | ppmd model order 2..64
     byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
     code_packed: bool = False  # count code bytes of the packed (minified, lzma, base85) twins
     record_mode: bool = False  # over the 16,000,000-byte cap is an error, not a warning
@@ -91,10 +96,16 @@ def quant_settings(cfg: dict | None) -> dict:
     c = {k: (cfg or {}).get(k, v) for k, v in QUANT_DEFAULTS.items()}
     for key, allowed in (("quant_scheme", ("int8", "mixed")), ("quant_clip", CLIP_RULES), ("compressor", tuple(COMPRESSORS)),
                          ("gptq_calib_source", ("train", "self")), ("gptq_damp_rule", ("mean", "diag")),
-                         *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9))):
+                         *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9)),
+                         ("lqer_mode", ("sym", "asym")), ("pergroup_backend", ("zpaq", "ppmd")),
+                         ("pergroup_level", range(1, 6) if c["pergroup_backend"] == "zpaq" else range(2, 65))):
         if c[key] not in allowed:
             raise ValueError(f"{key}={c[key]!r} is not one of {', '.join(map(str, allowed))}")
     return c
+
+def is_gate(name: str, shape) -> bool:
+    """The attention-gate weights quant_gate_int8 stores as int8 per row (checked before the float passthrough)."""
+    return name.endswith(".attn_gate_w") and len(shape) == 2 and 32 <= math.prod(shape) <= 8192
 
 def group_of(name: str) -> str:
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "embed" if ("tok_emb" in name or "lm_head" in name) else "other"
@@ -108,24 +119,39 @@ def _lib(module: str):
     except ImportError:
         raise ArtifactError(f"this compressor needs the {module} package: pip install {module}") from None
 
+def _pergroup_decode(body: bytes) -> bytes:
+    import pergroup
+
+    try:
+        return pergroup.decode(body)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+
 COMPRESSORS = {
     "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
     "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
     "zstd": (lambda b: _lib("zstandard").ZstdCompressor(level=22).compress(b), lambda b: _lib("zstandard").ZstdDecompressor().decompress(b)),
     "brotli": (lambda b: _lib("brotli").compress(b, quality=11), lambda b: _lib("brotli").decompress(b)),
+    "pergroup": (lambda b, **o: __import__("pergroup").encode(b, **o), _pergroup_decode),  # input: a pack() container
 }
 
-def compress(data: bytes, name: str) -> bytes:
+def compress(data: bytes, name: str, opts: dict | None = None) -> bytes:
+    """opts: pergroup's backend and level."""
     if name not in COMPRESSORS:
         raise ValueError(f"unknown compressor '{name}'; choose one of {', '.join(COMPRESSORS)}")
-    return COMPRESSORS[name][0](data)
+    return COMPRESSORS[name][0](data, **opts) if name == "pergroup" and opts else COMPRESSORS[name][0](data)
 
 def decompress(data: bytes, name: str) -> bytes:
     if name not in COMPRESSORS:
         raise ArtifactError(f"artifact uses unknown compressor '{name}'")
     return COMPRESSORS[name][1](data)
 
-def compressor_version(name: str) -> str:
+def compressor_version(name: str, backend: str = "zpaq") -> str:
+    if name == "pergroup":
+        from importlib.metadata import version  # zpaq's __version__ lags its release
+
+        _lib("zpaq" if backend == "zpaq" else "pyppmd")
+        return f"pergroup {backend} {version('zpaq' if backend == 'zpaq' else 'pyppmd')} + {compressor_version('brotli')}"
     if name in ("zstd", "brotli"):
         m = _lib("zstandard" if name == "zstd" else "brotli")
         return f"{m.__name__} {m.__version__}" + (f" libzstd {'.'.join(map(str, m.ZSTD_VERSION))}" if name == "zstd" else "")
@@ -242,18 +268,28 @@ def finalize_hessians(H: dict) -> dict[str, Tensor]:
     """-> {weight name: (in x in) fp32 CPU tensor}, the mean of x^T x over all rows seen."""
     return {n: (s / max(c, 1)).cpu() for n, (s, c) in H.items()}
 
-def _lqer(e: Tensor, rank: int, bits: int):
-    """Rank-r factors A (out x r), B (r x in) of the residual e, quantized per row at `bits`."""
+def _lqer(e: Tensor, rank: int, bits: int, asym: bool = False):
+    """Rank-r factors A (out x r), B (r x in) of the residual e, quantized per row at `bits` (sym: S split
+    evenly between them). asym (PR #1855): A = U S, int2 with one fp16 scale max|A|/1.5 in [-2, 1]; B = V^T, int4
+    in groups of LQER_GROUP with fp16 scales max/7.5 in [-8, 7]; when B does not split into groups, per row."""
     U, S, Vh = torch.linalg.svd(e, full_matrices=False)
-    root = S[:rank].sqrt()  # split S evenly so both factors have similar ranges
+    root = S[:rank] if asym else S[:rank].sqrt()  # sym: split S evenly so both factors have similar ranges
+    A, B = U[:, :rank] * root, (Vh[:rank] if asym else root[:, None] * Vh[:rank])
+    if asym and B.numel() % LQER_GROUP == 0:
+        sa = (A.abs().max() / 1.5).half().clamp_min(2.0**-24)  # the floor keeps an all-zero residual finite
+        sg = (B.reshape(-1, LQER_GROUP).abs().amax(1) / 7.5).half().clamp_min(2.0**-24)
+        qb = torch.clamp(torch.round(B.reshape(-1, LQER_GROUP) / sg.float()[:, None]), -8, 7).reshape(B.shape)
+        return [torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8), sa, qb.to(torch.int8), sg]
     r = 2 ** (bits - 1) - 1
     parts = []
-    for f in (U[:, :rank] * root, root[:, None] * Vh[:rank]):
+    for f in (A, B):
         s = _scale(f.abs().amax(1), r)
         parts += [_rtn(f, s, r).to(torch.int8), s]
     return parts
 
 def _lqer_term(qa, sa, qb, sb) -> Tensor:
+    if sa.dim() == 0:  # asym: one scale for A, one per LQER_GROUP values of B
+        return (qa.float() * sa.float()) @ (qb.float().reshape(-1, LQER_GROUP) * sb.float()[:, None]).reshape(qb.shape)
     return (qa.float() * sa.float()[:, None]) @ (qb.float() * sb.float()[:, None])
 
 def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessians: dict | None = None):
@@ -271,6 +307,11 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
         keys = [name]
         if not t.is_floating_point():
             tensors[name], entries[name], rec["method"] = t, {"scheme": "raw", "dtype": dtype}, "raw"
+        elif c["quant_gate_int8"] and is_gate(name, t.shape):
+            keys, s = [name + ".q", name + ".scale"], (t.float().abs().amax(1) / 127).half().clamp_min(2.0**-24)
+            tensors[keys[0]], tensors[keys[1]] = _rtn(t.float(), s, 127).to(torch.int8), s
+            entries[name] = {"scheme": "int8_row", "dtype": dtype}
+            rec.update(bits=8, clip="max/127", method="int8_row")
         elif t.numel() <= c["quant_keep_float_numel"]:
             keep32 = c["quant_scheme"] == "int8" and any(p in name for p in control)  # the records' mixed export: all fp16
             tensors[name] = t.float() if keep32 else t.half()
@@ -321,14 +362,14 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
     for rec in report:
         _measure(rec, state[rec["name"]], tensors, entries, hessians)
     if c["quant_scheme"] == "mixed" and c["lqer_rank"] > 0 and orig:
-        cands = [r for r in report if r["name"] in orig]
-        by_h = all(r.get("herr_abs") is not None for r in cands)
+        asym, cands = c["lqer_mode"] == "asym", [r for r in report if r["name"] in orig]
+        by_h = not asym and all(r.get("herr_abs") is not None for r in cands)  # asym: the record ranks by |E|_F
         cands.sort(key=lambda r: -(r["herr_abs"] if by_h else r["err2"]))
         for rec in cands[: c["lqer_top_k"]]:
             name, w = rec["name"], orig[rec["name"]]
             e = w - _dequant(tensors, name, entries[name]).float().reshape(w.shape)
-            parts = _lqer(e, min(c["lqer_rank"], *w.shape), c["lqer_bits"])
-            if float((e - _lqer_term(*parts)).square().sum()) >= float(e.square().sum()):
+            parts = _lqer(e, min(c["lqer_rank"], *w.shape), c["lqer_bits"], asym)
+            if not asym and float((e - _lqer_term(*parts)).square().sum()) >= float(e.square().sum()):
                 continue  # the quantized factors would not help this matrix
             for sfx, x in zip(("lqa", "lqas", "lqb", "lqbs"), parts):
                 tensors[f"{name}.{sfx}"] = x
@@ -400,9 +441,9 @@ def unpack(buf: bytes) -> tuple[dict[str, Tensor], dict]:
         tensors[name] = t.view(dtype).reshape(d["shape"])
     return tensors, header
 
-def frame(container: bytes, compressor: str, shuffle: bool = False) -> bytes:
-    """The artifact file bytes for a container."""
-    body = compress(byte_shuffle(container) if shuffle else container, compressor)
+def frame(container: bytes, compressor: str, shuffle: bool = False, opts: dict | None = None) -> bytes:
+    """The artifact file bytes for a container (pergroup parses it: never shuffled, it shuffles its rest stream)."""
+    body = compress(byte_shuffle(container) if shuffle else container, compressor, opts)
     name = compressor.encode()
     return (MAGIC + struct.pack("<HBB", FORMAT_VERSION, int(bool(shuffle)), len(name)) + name
             + struct.pack("<IQ", zlib.crc32(body), len(container)) + body)
@@ -411,12 +452,12 @@ def build_artifact(state: dict[str, Tensor], config: dict, cfg: dict | None = No
     """-> (artifact file bytes, stats incl. the per-tensor report), nothing written."""
     c = quant_settings(config if cfg is None else cfg)
     tensors, entries, report = quantize_state_dict(state, c, hessians)
-    comp, shuffle = c["compressor"], bool(c["byte_shuffle"])
+    comp, shuffle = c["compressor"], bool(c["byte_shuffle"]) and c["compressor"] != "pergroup"
     header = {"format_version": FORMAT_VERSION, "scheme": c["quant_scheme"], "compressor": comp,
-              "compressor_version": compressor_version(comp), "byte_shuffle": shuffle, "quant": c,
+              "compressor_version": compressor_version(comp, c["pergroup_backend"]), "byte_shuffle": shuffle, "quant": c,
               "config": config, "entries": entries, "dataset": dataset or {}}
     container = pack(tensors, header)
-    blob = frame(container, comp, shuffle)
+    blob = frame(container, comp, shuffle, {"backend": c["pergroup_backend"], "level": c["pergroup_level"]})
     payload, raw = (sum(t.numel() * t.element_size() for t in d.values()) for d in (tensors, state))
     return blob, {"artifact_bytes": len(blob), "payload_bytes": payload, "container_bytes": len(container),
                   "payload_ratio": raw / max(payload, 1), "compressor": comp, "scheme": c["quant_scheme"],
@@ -679,7 +720,9 @@ def summarize(rs: list) -> tuple[int, float, float | None]:
 _fmt = lambda x: "-" if x is None else f"{x:.3e}"  # noqa: E731
 
 def group_table(st: dict, compressor: str, shuffle: bool) -> list[str]:
-    """One line per group of build_artifact's report; 'compressed' = the group compressed on its own."""
+    """One line per group of build_artifact's report; 'compressed' = the group compressed on its own (pergroup:
+    brotli + shuffle stands in, a second row sort and zpaq pass per group would double the export time)."""
+    shuffle, compressor = (True, "brotli") if compressor == "pergroup" else (shuffle, compressor)
     lines = [f"{'group':<7}{'tensors':>8}{'params':>12}  {'bits':<6}{'clip/k':<26}{'method':<10}{'mse':>10}{'herr':>10}{'payload':>11}{'compressed':>11}"]
     for g in (*GROUPS, "float"):
         rs = [r for r in st["report"] if ("float" if r["method"] in ("fp16", "fp32", "raw") else r["group"]) == g]
