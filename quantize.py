@@ -72,10 +72,10 @@ class QuantConfig:
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
     lqer_top_k: int = 3  # matrices that get an LQER correction
     lqer_bits: int = 4  # bits of the LQER factors (2..8)
-    lqer_mode: str = "sym"  # sym (factors per row at lqer_bits) | asym (PR #1855: int2 A, one scale; int4 B in groups of 64; top-k by |E|_F)
+    lqer_mode: str = "sym"  # sym (factors per row at lqer_bits) | asym (PR #1855: int2 A, int4 B in groups of 64, top-k by |E|_F)
     quant_gate_int8: bool = False  # 2-D *.attn_gate_w with 32..8192 values: int8 per row (max/127), not fp16 passthrough
     compressor: str = "zlib"  # zlib | lzma | zstd | brotli | pergroup (role streams: row sort, transpose, context mixing)
-    pergroup_backend: str = "zpaq"  # pergroup role streams: zpaq (pip install zpaq) | ppmd (pip install pyppmd)
+    pergroup_backend: str = "zpaq"  # zpaq (pip install zpaq) | ppmd (pip install pyppmd); the coder of pergroup's role streams
     pergroup_level: int = 5  # zpaq method 1..5 (5: strongest, slowest) | ppmd model order 2..64
     byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
     code_packed: bool = False  # count code bytes of the packed (minified, lzma, base85) twins
@@ -608,14 +608,23 @@ def bits_per_param(rule: str, bits: int, compressor: str, k: float | None = None
     return row[bits - 5] if len(row) == 4 else row[0]
 
 def param_groups_of(shapes: dict, cfg: dict | None = None) -> dict[str, int]:
-    """{name: tensor or shape} -> {group: numel}; float tensors kept as floats go to 'float'."""
-    keep, out = quant_settings(cfg)["quant_keep_float_numel"], {}
+    """{name: tensor or shape} -> {group: numel}; float tensors kept as floats go to 'float', int8 gates to 'gate';
+    'lqer' = factor values of the lqer_top_k largest matrices, 'perm' = rows pergroup sorts (their stored order)."""
+    c, out, mats = quant_settings(cfg), {}, []
     for name, t in shapes.items():
-        n = math.prod(t.shape if isinstance(t, Tensor) else t)
+        shape = tuple(t.shape if isinstance(t, Tensor) else t)
+        n = math.prod(shape)
         if isinstance(t, Tensor) and not t.is_floating_point():
             continue
-        g = "float" if n <= keep else group_of(name)
+        g = "gate" if c["quant_gate_int8"] and is_gate(name, shape) else "float" if n <= c["quant_keep_float_numel"] else group_of(name)
         out[g] = out.get(g, 0) + n
+        mats += [(n, name, shape)] if g in GROUPS else []
+    if c["quant_scheme"] == "mixed" and c["lqer_rank"] > 0:  # the largest matrices stand in for the largest errors
+        out["lqer"] = sum(min(c["lqer_rank"], *s) * sum(s[-2:]) for _, _, s in sorted(mats, reverse=True)[: c["lqer_top_k"]])
+    if c["compressor"] == "pergroup":
+        import pergroup
+
+        out["perm"] = sum(s[0] for _, name, s in mats if any(pergroup.ROLES[i] in "." + name for i in pergroup.SORTED))
     return out
 
 # Calibration on measured artifacts (2026-12-06): the random draws above miss what training and GPTQ do to
@@ -626,6 +635,10 @@ def param_groups_of(shapes: dict, cfg: dict | None = None) -> dict[str, int]:
 GPTQ_BYTES_FACTOR = {"attn": 1.0315, "mlp": 1.0315, "embed": 0.869}
 HEADER_BYTES = 2_500
 AT_RISK_FRACTION = 0.005
+# compressor=pergroup: its role streams vs brotli-11 + byte shuffle of the same int8 bytes, and the compressed bits per
+# LQER factor value (int2 A + int4 B + scales) and per stored row index; measured 2026-12-06 (README, artifact section).
+PERGROUP_FACTOR = {"attn": 1.0, "mlp": 1.0, "embed": 1.0}
+EXTRA_BITS = {"lqer": 4.0, "perm": 16.0}
 PLAN_ERROR = {"gptq": "smoke +0.07% (calibrated on it), PR #1812 -0.14%, PR #1550 +4.6% (val-tuned), 40-step tiny model -4.6%",
               "rtn": "uncalibrated: PR #473 +12.2%, PR #573 +11.4%, PR #526 -6.4% (gptq_lite)",
               "int8": "uncalibrated: official baseline -4.1%"}
@@ -634,12 +647,14 @@ def plan(param_groups: dict[str, int], cfg: dict, code_bytes: int) -> dict:
     """Estimated artifact bytes per group (measured BITS_TABLE x the GPTQ calibration) and the total vs the
     cap; status OVER, AT RISK (within AT_RISK_FRACTION of the cap, inside the plan's error) or OK."""
     c, rows = quant_settings(cfg), []
+    pergroup, comp = c["compressor"] == "pergroup", "brotli" if c["compressor"] == "pergroup" else c["compressor"]
     for g, n in param_groups.items():
-        bits, rule = ((16, "fp16") if g == "float" else (8, "int8") if c["quant_scheme"] == "int8"
-                      else (c[f"quant_bits_{g}"], c["quant_clip"]))
+        bits, rule = ((16, "fp16") if g == "float" else (8, "int8") if c["quant_scheme"] == "int8" or g == "gate"
+                      else (4 if g == "lqer" else 16, g) if g in EXTRA_BITS else (c[f"quant_bits_{g}"], c["quant_clip"]))
         k = c[f"sdclip_k_{g}"] if rule == "sdclip" else None
         gptq = c["gptq"] and c["quant_scheme"] == "mixed" and (g in ("attn", "mlp") or (g == "embed" and c["quant_gptq_embed"]))
-        bpp = bits_per_param(rule, bits, c["compressor"], k) * (GPTQ_BYTES_FACTOR[g] if gptq else 1.0)
+        bpp = EXTRA_BITS[g] if g in EXTRA_BITS else bits_per_param(rule, bits, comp, k) * (GPTQ_BYTES_FACTOR[g] if gptq else 1.0)
+        bpp *= PERGROUP_FACTOR.get(g, 1.0) if pergroup else 1.0
         rows.append({"group": g, "params": n, "bits": bits, "rule": rule + (f" k={k:g}" if k else "") + (" gptq" if gptq else ""),
                      "bits_per_param": bpp, "bytes": round(n * bpp / 8)})
     model = sum(r["bytes"] for r in rows) + HEADER_BYTES
