@@ -208,3 +208,21 @@ def test_pergroup_keys_are_validated():
     with pytest.raises(ValueError, match="pergroup_backend"):
         q.quant_settings({"pergroup_backend": "lrzip"})
     assert q.quant_settings({"pergroup_backend": "ppmd", "pergroup_level": 16})["pergroup_level"] == 16
+
+
+def test_planner_knows_gates_lqer_and_pergroup():
+    shapes = {"tok_emb.weight": (8192, 512), "blocks.0.attn.c_q.weight": (512, 512), "blocks.0.attn.c_k.weight": (256, 512),
+              "blocks.0.mlp.fc.weight": (2048, 512), "blocks.0.mlp.proj.weight": (512, 2048),
+              "blocks.0.attn.attn_gate_w": (8, 12), "blocks.0.q_gain": (8,)}
+    cfg = {"quant_scheme": "mixed", "quant_bits_embed": 7, "quant_clip": "sdclip", "lqer_rank": 4, "lqer_top_k": 3,
+           "lqer_mode": "asym", "quant_gate_int8": True, "compressor": "pergroup"}
+    groups = q.param_groups_of(shapes, cfg)
+    assert groups["gate"] == 96 and groups["float"] == 8 and groups["perm"] == 8192 + 512 + 2048
+    assert groups["lqer"] == 4 * (8192 + 512) + 2 * 4 * (2048 + 512)  # the 3 largest matrices
+    rows = {r["group"]: r for r in q.plan(groups, cfg, 0)["rows"]}
+    bro = {**cfg, "compressor": "brotli"}
+    brotli = {r["group"]: r for r in q.plan(q.param_groups_of(shapes, bro), bro, 0)["rows"]}
+    assert "perm" not in brotli and rows["lqer"]["bytes"] == round(groups["lqer"] * q.EXTRA_BITS["lqer"] / 8)
+    for g in ("embed", "attn", "mlp"):
+        assert rows[g]["bytes"] == pytest.approx(brotli[g]["bytes"] * q.PERGROUP_FACTOR[g], abs=1)
+    assert "gate" not in q.param_groups_of(shapes, {**cfg, "quant_gate_int8": False})
