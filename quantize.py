@@ -3,8 +3,9 @@ container, code bytes, the 16,000,000-byte budget and a size planner.
 
 Schemes: "int8" = the official baseline (per-row 99.99984th-percentile clip, step floored at 1/127).
 "mixed" = per group (attn, mlp, embed, other) 5-8 bits, row scale rule max | percentile | gptq_lite |
-sdclip, optional full-Hessian GPTQ and LQER (sym, or asym as PR #1855), int8 attention gates. Every width is stored one value per int8 byte (the
-entropy coder recovers the unused bits; bit-packing measured 16-21% larger).
+sdclip, optional full-Hessian GPTQ and LQER (sym, or asym as PR #1855), int8 attention gates. Every
+width is stored one value per int8 byte (the entropy coder recovers the unused bits; bit-packing
+measured 16-21% larger).
 File = MAGIC | u16 version | u8 flags (bit 0: byte shuffle) | u8 n | compressor name | u32 crc32 |
 u64 container length | compressed container; container = u32 n | JSON header | raw tensor bytes.
 compressor=pergroup (pergroup.py) compresses the container by tensor role, exactly; shuffle is then unused.
