@@ -14,7 +14,6 @@ sys.path.insert(0, str(ROOT))
 import pergroup as pg  # noqa: E402
 import quantize as q  # noqa: E402
 
-pytest.importorskip("zpaq")
 MIXED = {"quant_scheme": "mixed", "quant_clip": "max"}
 
 
@@ -148,8 +147,7 @@ def split(body):
 
 @pytest.mark.parametrize("backend,level", [("zpaq", 3), ("ppmd", 6)])
 def test_pergroup_round_trip_is_exact(tmp_path, backend, level):
-    if backend == "ppmd":
-        pytest.importorskip("pyppmd")
+    pytest.importorskip("pyppmd" if backend == "ppmd" else "zpaq")
     cfg = {**MIXED, "quant_keep_float_numel": 100, "quant_gate_int8": True, "lqer_rank": 4, "lqer_mode": "asym"}
     paths = {}
     for comp in ("pergroup", "brotli"):
@@ -175,6 +173,7 @@ def test_pergroup_round_trip_is_exact(tmp_path, backend, level):
 
 
 def test_corrupt_pergroup_stream_is_one_artifact_error_line(tmp_path):
+    pytest.importorskip("zpaq")
     tensors, _, _ = quant(role_state(), quant_keep_float_numel=100)
     container = q.pack(tensors, {})
     body = bytearray(q.compress(container, "pergroup", {"level": 2}))
