@@ -32,7 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SIZE_CAP = 16_000_000  # decimal bytes: code + artifact
 TIME_CAP_S = 600.0  # training and evaluation, each on its own
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # = train_gpt.CODE_FILES (read-only tool: no import)
+# = train_gpt.CODE_FILES (read-only tool: no import)
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py")
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
 EVAL_MODES = ("sliding", "legal_ttt", "phased_ttt", "multipass_min", "prequant_ttt")
 LN2 = math.log(2.0)

@@ -3,10 +3,12 @@ container, code bytes, the 16,000,000-byte budget and a size planner.
 
 Schemes: "int8" = the official baseline (per-row 99.99984th-percentile clip, step floored at 1/127).
 "mixed" = per group (attn, mlp, embed, other) 5-8 bits, row scale rule max | percentile | gptq_lite |
-sdclip, optional full-Hessian GPTQ and LQER. Every width is stored one value per int8 byte (the
-entropy coder recovers the unused bits; bit-packing measured 16-21% larger).
+sdclip, optional full-Hessian GPTQ and LQER (sym, or asym as PR #1855), int8 attention gates. Every
+width is stored one value per int8 byte (the entropy coder recovers the unused bits; bit-packing
+measured 16-21% larger).
 File = MAGIC | u16 version | u8 flags (bit 0: byte shuffle) | u8 n | compressor name | u32 crc32 |
 u64 container length | compressed container; container = u32 n | JSON header | raw tensor bytes.
+compressor=pergroup (pergroup.py) compresses the container by tensor role, exactly; shuffle is then unused.
 CLI: python3 quantize.py CHECKPOINT [--config F.toml] [--scheme mixed] [--set k=v] [--compare SPECS]
 A leaf: never imports train_gpt.py. The trainer calls export() once; the CLI reads TOML quant keys and bank layouts itself.
 """
@@ -32,9 +34,10 @@ from torch import Tensor
 
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # = train_gpt.CODE_FILES (a leaf: no import)
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py")  # = train_gpt.CODE_FILES (a leaf: no import)
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
+LQER_GROUP = 64  # lqer_mode=asym: B values per fp16 scale
 INT8_CLIP_Q = 0.9999984  # per-row clip quantile of the official baseline
 GPTQ_LITE_LEVELS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GROUPS = ("attn", "mlp", "embed", "other")
@@ -73,7 +76,11 @@ class QuantConfig:
     lqer_rank: int = 0  # low-rank error correction of the lqer_top_k worst matrices (0 = off)
     lqer_top_k: int = 3  # matrices that get an LQER correction
     lqer_bits: int = 4  # bits of the LQER factors (2..8)
-    compressor: str = "zlib"  # zlib | lzma | zstd | brotli
+    lqer_mode: str = "sym"  # sym (factors per row at lqer_bits) | asym (PR #1855: int2 A, int4 B in groups of 64, top-k by |E|_F)
+    quant_gate_int8: bool = False  # 2-D *.attn_gate_w with 32..8192 values: int8 per row (max/127), not fp16 passthrough
+    compressor: str = "zlib"  # zlib | lzma | zstd | brotli | pergroup (role streams: row sort, transpose, context mixing)
+    pergroup_backend: str = "zpaq"  # zpaq (pip install zpaq) | ppmd (pip install pyppmd); the coder of pergroup's role streams
+    pergroup_level: int = 5  # zpaq method 1..5 (5: strongest, slowest) | ppmd model order 2..64
     byte_shuffle: bool = False  # transpose the bytes of each tensor before compression
     code_packed: bool = False  # count code bytes of the packed, self-extracting twins (code_packer), not the raw files
     code_packer: str = "lzma"  # lzma (no docstrings/comments, LZMA2: PR #1812) | minify_brotli (pyminify, brotli-11: PR #1855); both base85
@@ -94,10 +101,16 @@ def quant_settings(cfg: dict | None) -> dict:
     c = {k: (cfg or {}).get(k, v) for k, v in QUANT_DEFAULTS.items()}
     for key, allowed in (("quant_scheme", ("int8", "mixed")), ("quant_clip", CLIP_RULES), ("compressor", tuple(COMPRESSORS)),
                          ("gptq_calib_source", ("train", "self")), ("gptq_damp_rule", ("mean", "diag")),
-                         *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9))):
+                         *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9)),
+                         ("lqer_mode", ("sym", "asym")), ("pergroup_backend", ("zpaq", "ppmd")),
+                         ("pergroup_level", range(1, 6) if c["pergroup_backend"] == "zpaq" else range(2, 65))):
         if c[key] not in allowed:
             raise ValueError(f"{key}={c[key]!r} is not one of {', '.join(map(str, allowed))}")
     return c
+
+def is_gate(name: str, shape) -> bool:
+    """The attention-gate weights quant_gate_int8 stores as int8 per row (checked before the float passthrough)."""
+    return name.endswith(".attn_gate_w") and len(shape) == 2 and 32 <= math.prod(shape) <= 8192
 
 def group_of(name: str) -> str:
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "embed" if ("tok_emb" in name or "lm_head" in name) else "other"
@@ -111,24 +124,39 @@ def _lib(module: str):
     except ImportError:
         raise ArtifactError(f"this compressor needs the {module} package: pip install {module}") from None
 
+def _pergroup_decode(body: bytes) -> bytes:
+    import pergroup
+
+    try:
+        return pergroup.decode(body)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+
 COMPRESSORS = {
     "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
     "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
     "zstd": (lambda b: _lib("zstandard").ZstdCompressor(level=22).compress(b), lambda b: _lib("zstandard").ZstdDecompressor().decompress(b)),
     "brotli": (lambda b: _lib("brotli").compress(b, quality=11), lambda b: _lib("brotli").decompress(b)),
+    "pergroup": (lambda b, **o: __import__("pergroup").encode(b, **o), _pergroup_decode),  # input: a pack() container
 }
 
-def compress(data: bytes, name: str) -> bytes:
+def compress(data: bytes, name: str, opts: dict | None = None) -> bytes:
+    """opts: pergroup's backend and level."""
     if name not in COMPRESSORS:
         raise ValueError(f"unknown compressor '{name}'; choose one of {', '.join(COMPRESSORS)}")
-    return COMPRESSORS[name][0](data)
+    return COMPRESSORS[name][0](data, **opts) if name == "pergroup" and opts else COMPRESSORS[name][0](data)
 
 def decompress(data: bytes, name: str) -> bytes:
     if name not in COMPRESSORS:
         raise ArtifactError(f"artifact uses unknown compressor '{name}'")
     return COMPRESSORS[name][1](data)
 
-def compressor_version(name: str) -> str:
+def compressor_version(name: str, backend: str = "zpaq") -> str:
+    if name == "pergroup":
+        from importlib.metadata import version  # zpaq's __version__ lags its release
+
+        _lib("zpaq" if backend == "zpaq" else "pyppmd")
+        return f"pergroup {backend} {version('zpaq' if backend == 'zpaq' else 'pyppmd')} + {compressor_version('brotli')}"
     if name in ("zstd", "brotli"):
         m = _lib("zstandard" if name == "zstd" else "brotli")
         return f"{m.__name__} {m.__version__}" + (f" libzstd {'.'.join(map(str, m.ZSTD_VERSION))}" if name == "zstd" else "")
@@ -245,18 +273,28 @@ def finalize_hessians(H: dict) -> dict[str, Tensor]:
     """-> {weight name: (in x in) fp32 CPU tensor}, the mean of x^T x over all rows seen."""
     return {n: (s / max(c, 1)).cpu() for n, (s, c) in H.items()}
 
-def _lqer(e: Tensor, rank: int, bits: int):
-    """Rank-r factors A (out x r), B (r x in) of the residual e, quantized per row at `bits`."""
+def _lqer(e: Tensor, rank: int, bits: int, asym: bool = False):
+    """Rank-r factors A (out x r), B (r x in) of the residual e, quantized per row at `bits` (sym: S split
+    evenly between them). asym (PR #1855): A = U S, int2 with one fp16 scale max|A|/1.5 in [-2, 1]; B = V^T, int4
+    in groups of LQER_GROUP with fp16 scales max/7.5 in [-8, 7]; when B does not split into groups, per row."""
     U, S, Vh = torch.linalg.svd(e, full_matrices=False)
-    root = S[:rank].sqrt()  # split S evenly so both factors have similar ranges
+    root = S[:rank] if asym else S[:rank].sqrt()  # sym: split S evenly so both factors have similar ranges
+    A, B = U[:, :rank] * root, (Vh[:rank] if asym else root[:, None] * Vh[:rank])
+    if asym and B.numel() % LQER_GROUP == 0:
+        sa = (A.abs().max() / 1.5).half().clamp_min(2.0**-24)  # the floor keeps an all-zero residual finite
+        sg = (B.reshape(-1, LQER_GROUP).abs().amax(1) / 7.5).half().clamp_min(2.0**-24)
+        qb = torch.clamp(torch.round(B.reshape(-1, LQER_GROUP) / sg.float()[:, None]), -8, 7).reshape(B.shape)
+        return [torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8), sa, qb.to(torch.int8), sg]
     r = 2 ** (bits - 1) - 1
     parts = []
-    for f in (U[:, :rank] * root, root[:, None] * Vh[:rank]):
+    for f in (A, B):
         s = _scale(f.abs().amax(1), r)
         parts += [_rtn(f, s, r).to(torch.int8), s]
     return parts
 
 def _lqer_term(qa, sa, qb, sb) -> Tensor:
+    if sa.dim() == 0:  # asym: one scale for A, one per LQER_GROUP values of B
+        return (qa.float() * sa.float()) @ (qb.float().reshape(-1, LQER_GROUP) * sb.float()[:, None]).reshape(qb.shape)
     return (qa.float() * sa.float()[:, None]) @ (qb.float() * sb.float()[:, None])
 
 def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessians: dict | None = None):
@@ -274,6 +312,11 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
         keys = [name]
         if not t.is_floating_point():
             tensors[name], entries[name], rec["method"] = t, {"scheme": "raw", "dtype": dtype}, "raw"
+        elif c["quant_gate_int8"] and is_gate(name, t.shape):
+            keys, s = [name + ".q", name + ".scale"], (t.float().abs().amax(1) / 127).half().clamp_min(2.0**-24)
+            tensors[keys[0]], tensors[keys[1]] = _rtn(t.float(), s, 127).to(torch.int8), s
+            entries[name] = {"scheme": "int8_row", "dtype": dtype}
+            rec.update(bits=8, clip="max/127", method="int8_row")
         elif t.numel() <= c["quant_keep_float_numel"]:
             keep32 = c["quant_scheme"] == "int8" and any(p in name for p in control)  # the records' mixed export: all fp16
             tensors[name] = t.float() if keep32 else t.half()
@@ -324,14 +367,14 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
     for rec in report:
         _measure(rec, state[rec["name"]], tensors, entries, hessians)
     if c["quant_scheme"] == "mixed" and c["lqer_rank"] > 0 and orig:
-        cands = [r for r in report if r["name"] in orig]
-        by_h = all(r.get("herr_abs") is not None for r in cands)
+        asym, cands = c["lqer_mode"] == "asym", [r for r in report if r["name"] in orig]
+        by_h = not asym and all(r.get("herr_abs") is not None for r in cands)  # asym: the record ranks by |E|_F
         cands.sort(key=lambda r: -(r["herr_abs"] if by_h else r["err2"]))
         for rec in cands[: c["lqer_top_k"]]:
             name, w = rec["name"], orig[rec["name"]]
             e = w - _dequant(tensors, name, entries[name]).float().reshape(w.shape)
-            parts = _lqer(e, min(c["lqer_rank"], *w.shape), c["lqer_bits"])
-            if float((e - _lqer_term(*parts)).square().sum()) >= float(e.square().sum()):
+            parts = _lqer(e, min(c["lqer_rank"], *w.shape), c["lqer_bits"], asym)
+            if not asym and float((e - _lqer_term(*parts)).square().sum()) >= float(e.square().sum()):
                 continue  # the quantized factors would not help this matrix
             for sfx, x in zip(("lqa", "lqas", "lqb", "lqbs"), parts):
                 tensors[f"{name}.{sfx}"] = x
@@ -403,9 +446,9 @@ def unpack(buf: bytes) -> tuple[dict[str, Tensor], dict]:
         tensors[name] = t.view(dtype).reshape(d["shape"])
     return tensors, header
 
-def frame(container: bytes, compressor: str, shuffle: bool = False) -> bytes:
-    """The artifact file bytes for a container."""
-    body = compress(byte_shuffle(container) if shuffle else container, compressor)
+def frame(container: bytes, compressor: str, shuffle: bool = False, opts: dict | None = None) -> bytes:
+    """The artifact file bytes for a container (pergroup parses it: never shuffled, it shuffles its rest stream)."""
+    body = compress(byte_shuffle(container) if shuffle else container, compressor, opts)
     name = compressor.encode()
     return (MAGIC + struct.pack("<HBB", FORMAT_VERSION, int(bool(shuffle)), len(name)) + name
             + struct.pack("<IQ", zlib.crc32(body), len(container)) + body)
@@ -414,12 +457,12 @@ def build_artifact(state: dict[str, Tensor], config: dict, cfg: dict | None = No
     """-> (artifact file bytes, stats incl. the per-tensor report), nothing written."""
     c = quant_settings(config if cfg is None else cfg)
     tensors, entries, report = quantize_state_dict(state, c, hessians)
-    comp, shuffle = c["compressor"], bool(c["byte_shuffle"])
+    comp, shuffle = c["compressor"], bool(c["byte_shuffle"]) and c["compressor"] != "pergroup"
     header = {"format_version": FORMAT_VERSION, "scheme": c["quant_scheme"], "compressor": comp,
-              "compressor_version": compressor_version(comp), "byte_shuffle": shuffle, "quant": c,
+              "compressor_version": compressor_version(comp, c["pergroup_backend"]), "byte_shuffle": shuffle, "quant": c,
               "config": config, "entries": entries, "dataset": dataset or {}}
     container = pack(tensors, header)
-    blob = frame(container, comp, shuffle)
+    blob = frame(container, comp, shuffle, {"backend": c["pergroup_backend"], "level": c["pergroup_level"]})
     payload, raw = (sum(t.numel() * t.element_size() for t in d.values()) for d in (tensors, state))
     return blob, {"artifact_bytes": len(blob), "payload_bytes": payload, "container_bytes": len(container),
                   "payload_ratio": raw / max(payload, 1), "compressor": comp, "scheme": c["quant_scheme"],
@@ -616,14 +659,23 @@ def bits_per_param(rule: str, bits: int, compressor: str, k: float | None = None
     return row[bits - 5] if len(row) == 4 else row[0]
 
 def param_groups_of(shapes: dict, cfg: dict | None = None) -> dict[str, int]:
-    """{name: tensor or shape} -> {group: numel}; float tensors kept as floats go to 'float'."""
-    keep, out = quant_settings(cfg)["quant_keep_float_numel"], {}
+    """{name: tensor or shape} -> {group: numel}; float tensors kept as floats go to 'float', int8 gates to 'gate';
+    'lqer' = factor values of the lqer_top_k largest matrices, 'perm' = rows pergroup sorts (their stored order)."""
+    c, out, mats = quant_settings(cfg), {}, []
     for name, t in shapes.items():
-        n = math.prod(t.shape if isinstance(t, Tensor) else t)
+        shape = tuple(t.shape if isinstance(t, Tensor) else t)
+        n = math.prod(shape)
         if isinstance(t, Tensor) and not t.is_floating_point():
             continue
-        g = "float" if n <= keep else group_of(name)
+        g = "gate" if c["quant_gate_int8"] and is_gate(name, shape) else "float" if n <= c["quant_keep_float_numel"] else group_of(name)
         out[g] = out.get(g, 0) + n
+        mats += [(n, name, shape)] if g in GROUPS else []
+    if c["quant_scheme"] == "mixed" and c["lqer_rank"] > 0:  # the largest matrices stand in for the largest errors
+        out["lqer"] = sum(min(c["lqer_rank"], *s) * sum(s[-2:]) for _, _, s in sorted(mats, reverse=True)[: c["lqer_top_k"]])
+    if c["compressor"] == "pergroup":
+        import pergroup
+
+        out["perm"] = sum(s[0] for _, name, s in mats if any(pergroup.ROLES[i] in "." + name for i in pergroup.SORTED))
     return out
 
 # Calibration on measured artifacts (2026-12-06): the random draws above miss what training and GPTQ do to
@@ -634,6 +686,11 @@ def param_groups_of(shapes: dict, cfg: dict | None = None) -> dict[str, int]:
 GPTQ_BYTES_FACTOR = {"attn": 1.0315, "mlp": 1.0315, "embed": 0.869}
 HEADER_BYTES = 2_500
 AT_RISK_FRACTION = 0.005
+# compressor=pergroup: its role streams / brotli-11 + byte shuffle of the same int8 bytes (the smoke artifact: trained,
+# GPTQ, zpaq level 5), bits per LQER factor value (asym, int2 A + int4 B + scales, brotli: the smoke model's top 3) and
+# bits per sorted row's stored index (the pr1855 shape, random init: ~log2(rows!)/rows). Measured 2026-12-06 (README).
+PERGROUP_FACTOR = {"attn": 1.0054, "mlp": 0.9978, "embed": 0.866}
+EXTRA_BITS = {"lqer": 1.82, "perm": 11.34}
 PLAN_ERROR = {"gptq": "smoke +0.07% (calibrated on it), PR #1812 -0.14%, PR #1550 +4.6% (val-tuned), 40-step tiny model -4.6%",
               "rtn": "uncalibrated: PR #473 +12.2%, PR #573 +11.4%, PR #526 -6.4% (gptq_lite)",
               "int8": "uncalibrated: official baseline -4.1%"}
@@ -642,12 +699,14 @@ def plan(param_groups: dict[str, int], cfg: dict, code_bytes: int) -> dict:
     """Estimated artifact bytes per group (measured BITS_TABLE x the GPTQ calibration) and the total vs the
     cap; status OVER, AT RISK (within AT_RISK_FRACTION of the cap, inside the plan's error) or OK."""
     c, rows = quant_settings(cfg), []
+    pergroup, comp = c["compressor"] == "pergroup", "brotli" if c["compressor"] == "pergroup" else c["compressor"]
     for g, n in param_groups.items():
-        bits, rule = ((16, "fp16") if g == "float" else (8, "int8") if c["quant_scheme"] == "int8"
-                      else (c[f"quant_bits_{g}"], c["quant_clip"]))
+        bits, rule = ((16, "fp16") if g == "float" else (8, "int8") if c["quant_scheme"] == "int8" or g == "gate"
+                      else (4 if g == "lqer" else 16, g) if g in EXTRA_BITS else (c[f"quant_bits_{g}"], c["quant_clip"]))
         k = c[f"sdclip_k_{g}"] if rule == "sdclip" else None
         gptq = c["gptq"] and c["quant_scheme"] == "mixed" and (g in ("attn", "mlp") or (g == "embed" and c["quant_gptq_embed"]))
-        bpp = bits_per_param(rule, bits, c["compressor"], k) * (GPTQ_BYTES_FACTOR[g] if gptq else 1.0)
+        bpp = EXTRA_BITS[g] if g in EXTRA_BITS else bits_per_param(rule, bits, comp, k) * (GPTQ_BYTES_FACTOR[g] if gptq else 1.0)
+        bpp *= PERGROUP_FACTOR.get(g, 1.0) if pergroup else 1.0
         rows.append({"group": g, "params": n, "bits": bits, "rule": rule + (f" k={k:g}" if k else "") + (" gptq" if gptq else ""),
                      "bits_per_param": bpp, "bytes": round(n * bpp / 8)})
     model = sum(r["bytes"] for r in rows) + HEADER_BYTES
@@ -655,7 +714,8 @@ def plan(param_groups: dict[str, int], cfg: dict, code_bytes: int) -> dict:
     status = "OVER" if total > SIZE_CAP_BYTES else "AT RISK" if total > (1 - AT_RISK_FRACTION) * SIZE_CAP_BYTES else "OK"
     family = "int8" if c["quant_scheme"] == "int8" else "gptq" if c["gptq"] else "rtn"
     return {"rows": rows, "model_bytes": model, "code_bytes": code_bytes, "total": total, "margin": SIZE_CAP_BYTES - total,
-            "compressor": c["compressor"], "status": status, "error": PLAN_ERROR[family]}
+            "compressor": c["compressor"], "status": status,
+            "error": PLAN_ERROR[family] + ("; pergroup: PR #1855 +0.65% (its factors: the smoke model)" if pergroup else "")}
 
 def format_plan(p: dict) -> str:
     lines = [f"{'group':<7}{'params':>12}{'bits':>6}  {'rule':<21}{'bits/param':>11}{'est_bytes':>12}"]
@@ -756,7 +816,9 @@ def summarize(rs: list) -> tuple[int, float, float | None]:
 _fmt = lambda x: "-" if x is None else f"{x:.3e}"  # noqa: E731
 
 def group_table(st: dict, compressor: str, shuffle: bool) -> list[str]:
-    """One line per group of build_artifact's report; 'compressed' = the group compressed on its own."""
+    """One line per group of build_artifact's report; 'compressed' = the group compressed on its own (pergroup:
+    brotli + shuffle stands in, a second row sort and zpaq pass per group would double the export time)."""
+    shuffle, compressor = (True, "brotli") if compressor == "pergroup" else (shuffle, compressor)
     lines = [f"{'group':<7}{'tensors':>8}{'params':>12}  {'bits':<6}{'clip/k':<26}{'method':<10}{'mse':>10}{'herr':>10}{'payload':>11}{'compressed':>11}"]
     for g in (*GROUPS, "float"):
         rs = [r for r in st["report"] if ("float" if r["method"] in ("fp16", "fp32", "raw") else r["group"]) == g]

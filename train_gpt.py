@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 HERE = Path(__file__).resolve().parent
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py")  # the files whose bytes count
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py")  # the files whose bytes count
 
 # -----------------------------------------------------------------------------
 # CONFIG

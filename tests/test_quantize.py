@@ -174,7 +174,7 @@ def test_lqer_reduces_error_of_top_matrices(tmp_path):
     assert float(((back["blocks.0.mlp.fc.weight"] - state["blocks.0.mlp.fc.weight"]) ** 2).mean()) == pytest.approx(fc["mse"], rel=1e-5)
 
 
-@pytest.mark.parametrize("compressor", list(q.COMPRESSORS))
+@pytest.mark.parametrize("compressor", [c for c in q.COMPRESSORS if c != "pergroup"])  # pergroup reads containers only
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_compressors_and_byte_shuffle_roundtrip(compressor, shuffle):
     g = torch.Generator().manual_seed(0)
