@@ -197,7 +197,7 @@ def test_help_per_entry_point_describes_every_key(capsys):
         te.main(["-h"])
     out = capsys.readouterr().out
     assert out.startswith("ttt_eval.py:") and all(f in out for f in ("--artifact", "--check-legality", "--allow-illegal", "--allow-data-mismatch"))
-    assert "--eval_mode='sliding' (str): sliding | legal_ttt | multipass_min | prequant_ttt" in out and "--num_layers" not in out
+    assert "--eval_mode='sliding' (str): sliding | legal_ttt | phased_ttt | multipass_min | prequant_ttt" in out and "--num_layers" not in out
     with pytest.raises(SystemExit):
         tg.parse_cli(["--help"])
     out = capsys.readouterr().out

@@ -233,3 +233,25 @@ def test_config_trains_end_to_end_at_tiny_width(caseops_sample, tmp_path):
     for group, bits in (("attn", 6), ("mlp", 6), ("embed", 7)):  # GPTQ with the record's bits and clip sigmas
         assert re.search(rf"^quant_table: {group} .* {bits} +sdclip k=[\d.]+ +gptq ", log, re.M), group
     assert re.search(r"^final_mixed_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+
+
+def test_smoke_stack_trains_packs_scores_and_passes_the_legality_check(caseops_sample, tmp_path):
+    """configs/smoke_pr1855.toml, shortened: CaseOps data + LQER-asym + int8 gates + pergroup + the minified
+    code wrapper, then phased LoRA TTT (two global SGD phases inside the check's prefix) and --check-legality."""
+    pytest.importorskip("zpaq")
+    smoke = str(ROOT / "configs" / "smoke_pr1855.toml")
+    data = [f"--data_path={caseops_sample['data_path']}", f"--tokenizer_path={caseops_sample['tokenizer_path']}", "--train_seq_len=128"]
+    ev = ["--ttt_chunk_tokens=1024", "--ttt_phase_docs=2"]  # a 3,073-token check prefix that still holds both phases
+    run_train(["--config", smoke, "--run_id=stack", "--iterations=4", "--train_batch_tokens=2048", "--gptq_calib_batches=1", *data],
+              tmp_path, timeout=600)
+    art = tmp_path / "runs" / "stack" / "final_model.mixed.ptz"
+    for extra in ([], ["--check-legality"]):
+        p = subprocess.run([sys.executable, str(ROOT / "ttt_eval.py"), "--artifact", str(art), "--config", smoke, "--run_id=stack", *data, *ev, *extra],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    log = read_log(tmp_path, "stack")
+    assert re.search(r"^Code size: \d+ bytes \(packed .* packer minify_brotli", log, re.M)
+    assert re.search(r"^final_mixed_pergroup_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+    assert re.search(r"^ttt_phase:2/3 .* sgd_docs:2 ", log, re.M) and re.search(r"^phased_ttt_exact val_loss:", log, re.M)
+    check = re.search(r"^legality_check:pass .* mode:phased_ttt .*sync ok: .* after 0 of (\d+) adaptations$", log, re.M)
+    assert check and int(check[1]) >= 1, "the check must reach a global SGD phase"
