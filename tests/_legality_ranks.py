@@ -2,48 +2,27 @@
 modes, then on TTT with its gradient all-reduce removed; rank 0 writes the verdicts as JSON.
 Usage: _legality_ranks.py DATA_PATH TOKENIZER_PATH OUT_JSON"""
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import awake_model  # noqa: E402
+from _util import awake_model, val_world, verdict_of, write_verdicts  # noqa: E402
 from test_legality import LEGAL, TINY  # noqa: E402
 
 import train_gpt as tg  # noqa: E402  (on the path through _util)
-import ttt_eval as te  # noqa: E402
 
 
 def main(data_path: str, tokenizer_path: str, out: str) -> None:
-    import sentencepiece as spm
-
-    over = {**TINY, "data_path": data_path, "tokenizer_path": tokenizer_path}
-    cfg, _ = tg.load_config(None, {k: str(v) for k, v in over.items()}, {})
+    cfg, tokens, tbytes = val_world(TINY, data_path, tokenizer_path)
     rt = tg.init_runtime(cfg)
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    stream = tg.load_val_stream(tg.shard_files(data_path, "val"), 512)[:4000]
-    tokens, tbytes = torch.from_numpy(stream.astype(np.int32)), torch.from_numpy(tg.val_target_bytes(cfg, sp, stream))
     model = awake_model(cfg)  # seeded: the same weights on both ranks
     cases = {k: LEGAL[k] for k in ("sliding", "ttt_sgd", "ttt_adamw_freeze", "ttt_min_numel_zloss_doc")}
     cases["ttt_no_allreduce"] = dict(eval_mode="legal_ttt")
     verdicts = {}
     for name, changes in cases.items():
         model.cfg = dataclasses.replace(cfg, **changes)
-        reduce = te.Adapter.reduce_grads
-        if name == "ttt_no_allreduce":  # the mutation: each rank steps on its own half of the sequences
-            te.Adapter.reduce_grads = lambda self, grads: None
-        try:
-            v = te.check_legality(model.cfg, model, tokens, tbytes, rt)
-        finally:
-            te.Adapter.reduce_grads = reduce
-        verdicts[name] = {"ok": v.ok, "failed": [f.split(":")[0] for f in v.failed], "line": v.line}
-    if rt.is_main:
-        Path(out).write_text(json.dumps(verdicts, indent=1))
-    tg.dist.barrier()
-    tg.dist.destroy_process_group()
+        verdicts[name] = verdict_of(model.cfg, model, tokens, tbytes, rt, no_allreduce=name == "ttt_no_allreduce")
+    write_verdicts(rt, out, verdicts)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,44 @@ def awake_model(cfg, scale: float = 0.05):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def val_world(over: dict, data_path, tokenizer_path, n: int = 4000):
+    """(config, the first n val tokens, their target bytes) of the sample data, for eval/legality tests."""
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+
+    cfg, _ = tg.load_config(None, {k: str(v) for k, v in {**over, "data_path": data_path, "tokenizer_path": tokenizer_path}.items()}, {})
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    stream = tg.load_val_stream(tg.shard_files(str(data_path), "val"), cfg.vocab_size)[:n]
+    return cfg, torch.from_numpy(stream.astype(np.int32)), torch.from_numpy(tg.val_target_bytes(cfg, sp, stream))
+
+
+def verdict_of(cfg, model, tokens, tbytes, rt, no_allreduce: bool = False) -> dict:
+    """The legality check's verdict as plain data; no_allreduce is the 2-rank mutation (each rank steps alone)."""
+    import ttt_eval as te
+
+    reduce = te.Adapter.reduce_grads
+    if no_allreduce:
+        te.Adapter.reduce_grads = lambda self, grads: None
+    try:
+        v = te.check_legality(cfg, model, tokens, tbytes, rt)
+    finally:
+        te.Adapter.reduce_grads = reduce
+    return {"ok": v.ok, "failed": [f.split(":")[0] for f in v.failed], "line": v.line}
+
+
+def write_verdicts(rt, out: str, verdicts: dict) -> None:
+    """End of a torchrun test driver: rank 0 writes the results as JSON, then every rank leaves together."""
+    import json
+
+    import train_gpt as tg
+
+    if rt.is_main:
+        Path(out).write_text(json.dumps(verdicts, indent=1))
+    tg.dist.barrier()
+    tg.dist.destroy_process_group()

@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _util import ROOT, awake_model
+from _util import ROOT, awake_model, val_world
 
 sys.path.insert(0, str(ROOT))
 import make_record as mr  # noqa: E402
@@ -37,13 +36,7 @@ LEGAL = {
 @pytest.fixture(scope="module")
 def world(sample_data):
     """(config, model, val tokens, target bytes), built once; each test gets the model in its original state."""
-    import sentencepiece as spm
-
-    over = {**TINY, "data_path": sample_data["data_path"], "tokenizer_path": sample_data["tokenizer_path"]}
-    cfg, _ = tg.load_config(None, {k: str(v) for k, v in over.items()}, {})
-    sp = spm.SentencePieceProcessor(model_file=sample_data["tokenizer_path"])
-    stream = tg.load_val_stream(tg.shard_files(sample_data["data_path"], "val"), 512)[:4000]
-    tokens, tbytes = torch.from_numpy(stream.astype(np.int32)), torch.from_numpy(tg.val_target_bytes(cfg, sp, stream))
+    cfg, tokens, tbytes = val_world(TINY, sample_data["data_path"], sample_data["tokenizer_path"])
     return cfg, awake_model(cfg), tokens, tbytes
 
 

@@ -8,11 +8,10 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from _util import ROOT, awake_model, run_train
+from _util import ROOT, awake_model, run_train, val_world
 
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
@@ -29,13 +28,7 @@ PHASED = dict(eval_mode="phased_ttt", ttt_chunk_tokens=512, ttt_doc_batch=1, ttt
 @pytest.fixture(scope="module")
 def world(sample_data):
     """(config, model, val tokens, target bytes), built once; tests put the model back if they change it."""
-    import sentencepiece as spm
-
-    over = {**TINY, "data_path": sample_data["data_path"], "tokenizer_path": sample_data["tokenizer_path"]}
-    cfg, _ = tg.load_config(None, {k: str(v) for k, v in over.items()}, {})
-    sp = spm.SentencePieceProcessor(model_file=sample_data["tokenizer_path"])
-    stream = tg.load_val_stream(tg.shard_files(sample_data["data_path"], "val"), 512)[:4000]
-    tokens, tbytes = torch.from_numpy(stream.astype(np.int32)), torch.from_numpy(tg.val_target_bytes(cfg, sp, stream))
+    cfg, tokens, tbytes = val_world(TINY, sample_data["data_path"], sample_data["tokenizer_path"])
     return cfg, awake_model(cfg), tokens, tbytes
 
 
