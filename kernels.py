@@ -5,6 +5,7 @@ triton importable; CPU tensors too under TRITON_INTERPRET=1, which is how the te
 else the eager math. Triton is imported on first use, so CPU-only installs import this file fine."""
 from __future__ import annotations
 
+import linecache
 import os
 
 import torch
@@ -126,65 +127,73 @@ class _FusedMLP(torch.autograd.Function):
         _matmul_act(g, w_down, dpre, pre, ctx.slope, True)
         return dpre @ w_up, dpre.t() @ x, g.t() @ post, None
 
+# The kernels live in a string compiled under a linecache name: triton reads a kernel's source through inspect,
+# which code exec'd from a string (the packed, self-extracting kernels.py) does not have, and the packer's
+# minifier would strip the tl.constexpr annotations triton needs. Names resolve in the exec namespace (triton, tl).
+_SRC = r'''
+@triton.jit
+def ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V, C, BLOCK: tl.constexpr):
+    # z = 2C sigmoid(2x/C) = C tanh(x/C) + C: the shift cancels in the loss and keeps z in [0, 2C]
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * V
+    m = 0.0
+    s = 0.0
+    for off in range(0, V, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < V
+        z = 2 * C * tl.sigmoid(2 * tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) / C)
+        m_new = tl.maximum(m, tl.max(tl.where(mask, z, 0.0), 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(z - m_new), 0.0), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    zt = 2 * C * tl.sigmoid(2 * tl.load(base + tl.load(t_ptr + row)).to(tl.float32) / C)
+    tl.store(loss_ptr + row, lse - zt)
+    tl.store(lse_ptr + row, lse)
+
+@triton.jit
+def ce_bwd(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V, C, BLOCK: tl.constexpr):
+    # d loss / dx_j = g (softmax_j - [j = target]) * 4 s (1 - s), s = sigmoid(2x/C)
+    row = tl.program_id(0).to(tl.int64)
+    t, lse, g = tl.load(t_ptr + row), tl.load(lse_ptr + row), tl.load(g_ptr + row)
+    for off in range(0, V, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < V
+        sg = tl.sigmoid(2 * tl.load(x_ptr + row * V + cols, mask=mask, other=0.0).to(tl.float32) / C)
+        p = tl.exp(2 * C * sg - lse) - tl.where(cols == t, 1.0, 0.0)
+        tl.store(dx_ptr + row * V + cols, (g * p * 4 * sg * (1 - sg)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def mm_act(a_ptr, b_ptr, c_ptr, p_ptr, M, N, K, sam, sak, sbk, sbn, slope,
+           BACKWARD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        ka = k + rk
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * sam + ka[None, :] * sak, mask=(rm[:, None] < M) & (ka[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + ka[:, None] * sbk + rn[None, :] * sbn, mask=(ka[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if UPCAST:  # the CPU interpreter has no bf16 matmul
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else "tf32")
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    off = rm[:, None].to(tl.int64) * N + rn[None, :]  # out and pre are contiguous (M, N)
+    if BACKWARD:
+        p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptr + off, (acc * tl.where(p > 0, 2 * p, 2 * slope * slope * p)).to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        p = acc.to(p_ptr.dtype.element_ty)  # the activation reads the stored (rounded) pre, as eager does
+        tl.store(p_ptr + off, p, mask=mask)
+        h = tl.where(p.to(tl.float32) > 0, p.to(tl.float32), slope * p.to(tl.float32))
+        tl.store(c_ptr + off, (h * h).to(c_ptr.dtype.element_ty), mask=mask)
+'''
+
 def _define() -> dict:
-    global triton, tl  # the kernels below resolve triton / tl as module globals, set here on first use
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V, C, BLOCK: tl.constexpr):
-        # z = 2C sigmoid(2x/C) = C tanh(x/C) + C: the shift cancels in the loss and keeps z in [0, 2C]
-        row = tl.program_id(0).to(tl.int64)
-        base = x_ptr + row * V
-        m = 0.0
-        s = 0.0
-        for off in range(0, V, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            mask = cols < V
-            z = 2 * C * tl.sigmoid(2 * tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) / C)
-            m_new = tl.maximum(m, tl.max(tl.where(mask, z, 0.0), 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(z - m_new), 0.0), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        zt = 2 * C * tl.sigmoid(2 * tl.load(base + tl.load(t_ptr + row)).to(tl.float32) / C)
-        tl.store(loss_ptr + row, lse - zt)
-        tl.store(lse_ptr + row, lse)
-
-    @triton.jit
-    def ce_bwd(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V, C, BLOCK: tl.constexpr):
-        # d loss / dx_j = g (softmax_j - [j = target]) * 4 s (1 - s), s = sigmoid(2x/C)
-        row = tl.program_id(0).to(tl.int64)
-        t, lse, g = tl.load(t_ptr + row), tl.load(lse_ptr + row), tl.load(g_ptr + row)
-        for off in range(0, V, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            mask = cols < V
-            sg = tl.sigmoid(2 * tl.load(x_ptr + row * V + cols, mask=mask, other=0.0).to(tl.float32) / C)
-            p = tl.exp(2 * C * sg - lse) - tl.where(cols == t, 1.0, 0.0)
-            tl.store(dx_ptr + row * V + cols, (g * p * 4 * sg * (1 - sg)).to(dx_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def mm_act(a_ptr, b_ptr, c_ptr, p_ptr, M, N, K, sam, sak, sbk, sbn, slope,
-               BACKWARD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, K, BK):
-            ka = k + rk
-            a = tl.load(a_ptr + rm[:, None].to(tl.int64) * sam + ka[None, :] * sak, mask=(rm[:, None] < M) & (ka[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + ka[:, None] * sbk + rn[None, :] * sbn, mask=(ka[:, None] < K) & (rn[None, :] < N), other=0.0)
-            if UPCAST:  # the CPU interpreter has no bf16 matmul
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else "tf32")
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        off = rm[:, None].to(tl.int64) * N + rn[None, :]  # out and pre are contiguous (M, N)
-        if BACKWARD:
-            p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_ptr + off, (acc * tl.where(p > 0, 2 * p, 2 * slope * slope * p)).to(c_ptr.dtype.element_ty), mask=mask)
-        else:
-            p = acc.to(p_ptr.dtype.element_ty)  # the activation reads the stored (rounded) pre, as eager does
-            tl.store(p_ptr + off, p, mask=mask)
-            h = tl.where(p.to(tl.float32) > 0, p.to(tl.float32), slope * p.to(tl.float32))
-            tl.store(c_ptr + off, (h * h).to(c_ptr.dtype.element_ty), mask=mask)
-
-    return {"ce_fwd": ce_fwd, "ce_bwd": ce_bwd, "mm_act": mm_act}
+    name = "<kernels.py triton source>"
+    linecache.cache[name] = (len(_SRC), None, _SRC.splitlines(True), name)
+    ns = {"triton": triton, "tl": tl}
+    exec(compile(_SRC, name, "exec"), ns)
+    return {k: ns[k] for k in ("ce_fwd", "ce_bwd", "mm_act")}

@@ -488,6 +488,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        if cfg.fused_ce or cfg.fused_mlp:  # import triton now: torch.compile(fullgraph) cannot trace the import
+            kernels.load()
         d, V, L = cfg.model_dim, cfg.vocab_size, cfg.num_layers
         U = self.n_cores = cfg.num_cores or L
         self.head_dim = D = d // cfg.num_heads

@@ -1,6 +1,7 @@
 """Run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported):
 the Triton kernels of kernels.py on CPU tensors through triton's interpreter against fp32 eager math
-on the same (dtype-rounded) inputs. Prints one JSON object {case: {metric: error}}."""
+on the same (dtype-rounded) inputs. Prints one JSON object {case: {metric: error}}.
+  TRITON_INTERPRET=1 python3 tests/_kernels_interp.py [PACKED_DIR]"""
 import json
 import os
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if len(sys.argv) > 1:  # a directory of packed (self-extracting) code files: their kernels.py and train_gpt.py
+    sys.path.insert(0, sys.argv[1])
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -73,7 +76,7 @@ def model_case():
 
 def main():
     torch.manual_seed(0)
-    res = {}
+    res = {"kernels_file": kernels.__file__}
     for dn, dt in DTYPES.items():
         for n, v in ((7, 300), (5, 2500), (3, 1024)):  # one partial block; 3 blocks, the last partial; exactly one block
             for red in ("none", "mean"):

@@ -64,6 +64,31 @@ def test_model_with_kernels_matches_eager_model(interp):
     assert r["loss"] < 1e-5 and r["per_token"] < 1e-4 and r["grads"] < 1e-4, r
 
 
+@pytest.mark.parametrize("packer", ["lzma", "minify_brotli"])
+def test_packed_kernels_run(tmp_path, packer):
+    """The shipped (self-extracting) kernels.py: its code is exec'd from a string, so triton cannot read the kernels'
+    source from a file, and pyminify strips the tl.constexpr annotations; both must survive packing."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    if packer == "minify_brotli":
+        pytest.importorskip("python_minifier")
+    import quantize as q
+
+    q.pack_files(ROOT, tmp_path, packer)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    env.pop("TRITON_INTERPRET", None)
+    compiled = subprocess.run([sys.executable, "-c", "import kernels; assert kernels.load(); print(kernels.__file__)"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # defines triton.jit kernels
+    assert compiled.returncode == 0 and compiled.stdout.strip() == str(tmp_path / "kernels.py"), compiled.stderr[-2000:]
+    p = subprocess.run([sys.executable, str(ROOT / "tests/_kernels_interp.py"), str(tmp_path)], env={**env, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["kernels_file"] == str(tmp_path / "kernels.py")
+    assert r["ce_bf16_5x2500_none"]["grad"] < TOL["bf16"] and r["mlp_fp32_130x64x256_lrelu2"]["grad_x"] < TOL["fp32"], r
+    assert r["model_fp32"]["grads"] < 1e-4, r
+
+
 needs_cpu_eager = pytest.mark.skipif(kernels.INTERPRET, reason="TRITON_INTERPRET=1 in this process: CPU tensors run the kernels")
 
 
