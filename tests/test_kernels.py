@@ -89,6 +89,26 @@ def test_packed_kernels_run(tmp_path, packer):
     assert r["model_fp32"]["grads"] < 1e-4, r
 
 
+def test_ttt_loss_is_the_models_loss_call(monkeypatch):
+    """The TTT trainer (legal TTT, phased TTT's global SGD) takes its loss from the model's one loss call, so
+    fused_ce reaches it; with a z-loss it needs the logits and stays eager."""
+    import torch.nn.functional as F
+
+    import ttt_eval as te
+
+    cfg, _ = te.resolve_config({}, None, {"vocab_size": "300", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1",
+                                          "num_layers": "2", "fused_ce": "1"})
+    model, rt = awake_model(cfg), tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    seen, real = [], kernels.softcap_ce
+    monkeypatch.setattr(kernels, "softcap_ce", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    loss = te.Adapter(model, model, cfg, rt).loss(x[:, :-1], x[:, 1:])
+    assert seen == [True]
+    assert torch.allclose(loss, F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten()))
+    cfg.ttt_zloss = 1e-4
+    assert te.Adapter(model, model, cfg, rt).loss(x[:, :-1], x[:, 1:]) > loss and seen == [True]
+
+
 needs_cpu_eager = pytest.mark.skipif(kernels.INTERPRET, reason="TRITON_INTERPRET=1 in this process: CPU tensors run the kernels")
 
 
