@@ -48,7 +48,9 @@ def softcap(logits: Tensor, c: float) -> Tensor:
     return c * torch.tanh(logits / c)
 
 def softcap_ce(logits: Tensor, targets: Tensor, c: float, reduction: str = "mean", fused: bool = False) -> Tensor:
-    """Cross-entropy of softcap(logits) in fp32: mean, sum, or per token (flattened) with reduction='none'."""
+    """Cross-entropy of softcap(logits) in fp32: mean, sum, or per token (flattened) with reduction='none'. The kernel
+    takes the softcap in fp32 from the raw logits where eager under bf16 autocast takes it in bf16 (~1e-3 relative,
+    spec §6.1). No ignore_index: every target must be a vocabulary id."""
     if not (fused and ready(logits)):
         return F.cross_entropy(softcap(logits, c).float().flatten(0, -2), targets.flatten(), reduction=reduction)
     loss = _SoftcapCE.apply(logits.flatten(0, -2), targets.flatten(), float(c))
