@@ -34,7 +34,8 @@ from torch import Tensor
 
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py")  # = train_gpt.CODE_FILES (a leaf: no import)
+# = train_gpt.CODE_FILES (a leaf: no import)
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py", "kernels.py")
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
 LQER_GROUP = 64  # lqer_mode=asym: B values per fp16 scale

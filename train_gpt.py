@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 HERE = Path(__file__).resolve().parent
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py")  # the files whose bytes count
+CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py", "kernels.py")  # the files whose bytes count
 
 # -----------------------------------------------------------------------------
 # CONFIG
@@ -114,6 +114,8 @@ class Config:
     core_grad_scale: bool = False  # shared cores get the mean of their layers' grads (PR #526)
     attn_backend: str = "auto"  # auto (FA3 on Hopper when importable, else SDPA) | fa3 | sdpa
     doc_attention: bool = False  # attention never crosses a BOS
+    fused_ce: bool = False  # Triton softcapped cross-entropy (PR #1855) on CUDA; eager without triton
+    fused_mlp: bool = False  # Triton up-projection + relu2/lrelu2 (PR #1855) on CUDA; eager without triton or under GPTQ/LoRA hooks
     # optimizers
     embed_lr: float = 0.6  # AdamW LR of an untied input embedding
     head_lr: float = 0.008  # AdamW LR of an untied output head
@@ -341,6 +343,7 @@ from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
     bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer,
     load_val_stream, make_loader, read_shard_header, shard_files, target_bytes, usable_val, val_target_bytes)
+import kernels  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # MODEL: baseline GPT + every record technique behind a config key. Block matrices live in four
@@ -460,14 +463,11 @@ class Block(nn.Module):
 
     def mlp(self, g: "GPT", x: Tensor) -> Tensor:
         c, cfg = self.core, g.cfg
-        h = linear(self.ln * rms_norm(x), g.mat(g.mlp_up_bank, c, "mlp"), f"blocks.{c}.mlp.fc.weight")
-        if cfg.mlp_act == "relu2":
-            h = F.relu(h).square()
-        elif cfg.mlp_act == "lrelu2":
-            h = F.leaky_relu(h, cfg.mlp_leaky_slope).square()
-        else:
-            h = F.silu(h).square()
-        return self.mlp_scale.to(x.dtype) * linear(h, g.mat(g.mlp_down_bank, c, "mlp"), f"blocks.{c}.mlp.proj.weight")
+        names = (f"blocks.{c}.mlp.fc.weight", f"blocks.{c}.mlp.proj.weight")
+        fused = cfg.fused_mlp and CAPTURE is None and DELTA is None  # calibration and LoRA hooks see the eager matmuls
+        h = kernels.mlp(self.ln * rms_norm(x), g.mat(g.mlp_up_bank, c, "mlp"), g.mat(g.mlp_down_bank, c, "mlp"), cfg.mlp_act,
+                        cfg.mlp_leaky_slope, fused, lambda t, w, j: linear(t, w, names[j]))
+        return self.mlp_scale.to(x.dtype) * h
 
     def forward(self, g: "GPT", x: Tensor, x0: Tensor, ctx: dict) -> Tensor:
         x = self.mix(x, x0)
@@ -488,6 +488,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        if cfg.fused_ce or cfg.fused_mlp:  # import triton now: torch.compile(fullgraph) cannot trace the import
+            kernels.load()
         d, V, L = cfg.model_dim, cfg.vocab_size, cfg.num_layers
         U = self.n_cores = cfg.num_cores or L
         self.head_dim = D = d // cfg.num_heads
@@ -656,10 +658,9 @@ class GPT(nn.Module):
             x = (lanes[0] + lanes[1]) / 2 if cfg.parallel_mode == "two_lane" else torch.lerp(lanes[1], lanes[0], self.lane_merge.to(x.dtype))
         x = rms_norm(x)
         logits = linear(x, self.tok_emb.weight if self.lm_head is None else self.lm_head, "tok_emb.weight" if self.lm_head is None else "lm_head")
-        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         if target_ids is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction=reduction)
+            return kernels.softcap(logits, cfg.logit_softcap)
+        return kernels.softcap_ce(logits, target_ids, cfg.logit_softcap, reduction, cfg.fused_ce)
 
 BANKS = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"), "mlp_up_bank": ("mlp.fc",), "mlp_down_bank": ("mlp.proj",)}
 
@@ -1194,6 +1195,8 @@ def main(argv: list[str]) -> None:
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} device:{rt.device} compile:{use_compile} autocast:{cfg.autocast_dtype}")
     log(f"attention_backend:{backend}" + ("" if backend == "fa3" or rt.device.type != "cuda" else
         " WARNING: FlashAttention 3 not in use on CUDA (not importable, doc_attention, or attn_backend=sdpa): expect slower steps"))
+    if line := kernels.backend_line(cfg.fused_ce, cfg.fused_mlp, cfg.mlp_act, rt.device):
+        log(line)
     log(f"attention_mode:{'gqa' if cfg.num_kv_heads < cfg.num_heads else 'mha'} num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
     log(f"layer_schedule:{layer_order(cfg, False)}" + (f" looped:{layer_order(cfg, True)}" if cfg.num_loops else ""))
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "

@@ -215,11 +215,11 @@ class Adapter:
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         with tg.autocast(self.cfg, self.rt.device):
+            if not self.cfg.ttt_zloss:  # the model's own loss call: fused_ce's kernel when on (PR #1855's global SGD used it)
+                return self.fn(x, y)
             logits = self.fn(x).float()
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        if self.cfg.ttt_zloss:
-            loss = loss + self.cfg.ttt_zloss * torch.logsumexp(logits, -1).square().mean()
-        return loss
+        return loss + self.cfg.ttt_zloss * torch.logsumexp(logits, -1).square().mean()
 
     def train(self, tokens: Tensor, lo: int, hi: int, lr: float, epochs: int) -> None:
         """Train on pairs (tokens[i], tokens[i+1]) for i in [lo, hi): sequences split across ranks."""

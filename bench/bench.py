@@ -95,11 +95,13 @@ def main(argv=None) -> dict:
         for _ in range(args.eval_batches):
             model(x, y, reduction="none")
         eval_s = (sync(rt.device) - t) / max(args.eval_batches, 1)
+    fused = tg.kernels.backend_line(cfg.fused_ce, cfg.fused_mlp, cfg.mlp_act, rt.device)
     res = {
         "config": args.config, "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
         "torch": torch.__version__, "world_size": rt.world_size, "grad_accum": rt.grad_accum, "params": tg.count_params(base),
         "train_batch_tokens": cfg.train_batch_tokens, "train_seq_len": cfg.train_seq_len, "looping": base.looping,
         "attention_backend": tg.attention_backend(cfg, rt.device), "compile": use_compile, "compile_s": round(compile_s, 2),
+        "fused_kernels": fused.partition(" WARNING")[0].removeprefix("fused_kernels: ") or "off",
         "ms_per_step": round(ms, 2), "ms_per_step_mean": round(1000 * statistics.mean(times), 2),
         "tok_s": round(tok_s), "tok_s_per_gpu": round(tok_s / rt.world_size), "flops_per_token": fpt,
         "mfu": round(fpt * tok_s / (peak * rt.world_size), 4) if peak else None,
