@@ -40,7 +40,7 @@ def backend_line(fused_ce: bool, fused_mlp: bool, mlp_act: str, device: torch.de
     mlp = "triton" if fused_mlp and ok and mlp_act in ("relu2", "lrelu2") else "eager"
     line = f"fused_kernels: ce:{ce} mlp:{mlp}"
     if (fused_ce and ce == "eager") or (fused_mlp and mlp == "eager"):
-        why = "triton not importable" if _K is False else "not on CUDA" if device.type != "cuda" and not INTERPRET else f"mlp_act={mlp_act}"
+        why = "not on CUDA" if device.type != "cuda" and not INTERPRET else "triton not importable" if _K is False else f"mlp_act={mlp_act}"
         line += f" WARNING: fused kernel key on but the eager fallback runs ({why}): expect slower steps"
     return line
 
