@@ -21,3 +21,12 @@ def sample_data(tmp_path_factory):
         "tokenizer_path": str(root / "tokenizers" / "sample_512_bpe.model"),
         "vocab_size": 512,
     }
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from an empty dynamo cache: compiled code objects (GPT.forward, attention) are
+    shared across tests, so without this the recompile limit (8) trips in whichever test comes later."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
