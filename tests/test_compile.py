@@ -13,7 +13,9 @@ not in CI; baseline, pr473 and pr1812 measured: fp32 losses/scores within 5e-5, 
 pr526, pr573 and pr1550 FAIL under inductor (measured 2026-12-06; no graph break, no recompile): the loss
 of the first step agrees to 2e-6, but after one optimizer step the eval differs by 2.6e-4 / 9.9e-5 /
 2.8e-4 and after the run by 5.4e-4 / 6.7e-4 / 1.8e-3 (weights 8.0e-2 / 3.2e-2 / 2.9e-2 of the largest
-value). Not yet explained: the compiled bf16 Newton-Schulz step is the suspect, unproven.
+value). Not yet explained. It is not the compiled Newton-Schulz: pr573 fails the same with NS left eager
+(eval after the run 1.1e-3, weights 3.2e-2); the compiled backward's gradients, amplified by the bf16
+Newton-Schulz every Muon step, are the suspect, unproven.
 It runs with inductor's emulate_precision_casts (bf16 intermediates rounded as eager rounds them); with
 PG_COMPILE_EMULATE_CASTS=0 the weights after the steps differ by 5e-2 of their largest value (baseline),
 because fused kernels keep Newton-Schulz's bf16 intermediates in fp32: a rounding difference, not a bug."""
