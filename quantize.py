@@ -761,7 +761,7 @@ def setting_key(k: str) -> str:
     raise ValueError(f"unknown quant setting '{k}' (keys: {', '.join(QUANT_DEFAULTS)})")
 
 def coerce(key: str, value, typ: type, source: str):
-    """A TOML or command-line value as the key's type, by the trainer's rules (train_gpt._coerce: a leaf keeps its own)."""
+    """A TOML, env or command-line value as the key's type; train_gpt.py's config loader uses this one too."""
     words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     try:
         if isinstance(value, str) and typ is not str:

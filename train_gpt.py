@@ -185,24 +185,6 @@ def field_docs() -> dict[str, str]:
 def config_field_types() -> dict[str, type]:
     return {f.name: _TYPES[f.type] for f in fields(config_class())}
 
-def _coerce(key: str, value, typ: type, source: str):
-    bad = ValueError(f"config key '{key}' from {source}: {value!r} is not a valid {typ.__name__}")
-    if isinstance(value, str) and typ is not str:
-        s = value.strip().lower()
-        if typ is bool:
-            if s not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise bad
-            return s in ("1", "true", "yes", "on")
-        try:
-            return typ(s)
-        except ValueError:
-            raise bad from None
-    if (typ is bool and type(value) is int and value in (0, 1)) or (typ is float and type(value) is int):
-        return typ(value)
-    if type(value) is not typ:
-        raise bad
-    return value
-
 def _check_key(key: str, types: dict, source: str) -> None:
     if key not in types:
         near = difflib.get_close_matches(key, list(types), n=1)
@@ -339,6 +321,7 @@ def sync(device: torch.device) -> None:
 
 # DATA and BYTE ACCOUNTING live in data_loader.py (shards, loader, integrity check, byte LUTs); re-exported here
 sys.path.insert(0, str(HERE))  # a record folder runs from any cwd
+from quantize import coerce as _coerce  # noqa: E402  (one typing rule for the trainer and the quantize CLI)
 from data_loader import (  # noqa: E402,F401
     SHARD_HEADER_BYTES, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, DistributedTokenLoader, TokenStream,
     bits_per_byte, build_byte_luts, check_dataset, check_outputs, check_token_range, dataset_fingerprint, load_shard, load_tokenizer,
