@@ -19,18 +19,19 @@ What is compared, relative to the largest |value| of each tensor (one tolerance 
 - inductor with fp32 storage (the default for inductor: storage_dtypes forced to fp32, everything else the
   config's): loss, every gradient, eval loss and every scored target's NLL, before and after a TTT
   adaptation, within TOL (measured max 3.2e-5, a cancelling scalar gradient of pr1550); Newton-Schulz
-  as ns_check says (measured max 2.0e-2, pr573's ve.proj; the 3-D banks are bitwise equal);
+  by each matrix's alignment and norm within TOL_NS (measured max 2.0e-2, pr573's ve.proj; the 3-D banks are
+  bitwise equal, see ns_check);
 - inductor with the configs' own storage (PG_COMPILE_STORAGE=config): under storage_dtypes = "official" the
   embedding tables are bf16 and so is the whole residual stream (linear casts its weight to the input's
   dtype, as the records did), so eager and inductor round at different points: losses and scored NLLs
-  within two bf16 ulps (TOL_BF16_OUT; measured max 2.3e-3, pr1550), the gradients as one vector in L2
+  within two bf16 ulps (TOL_BF16_OUT; measured max 3.4e-3, pr1550), the gradients as one vector in L2
   (TOL_BF16_GRAD; measured 6.9e-3): a cancelling scalar gradient's own error has no bound there (0.21 measured).
 inductor runs with emulate_precision_casts (bf16 intermediates rounded where eager rounds them).
 
 CI runs capture for all six configs and the real compiler for CI_INDUCTOR (test_inductor_in_ci: the
 cost is gcc, about 1.5 s per kernel on 2 cores); PG_COMPILE_BACKEND=inductor runs all six with inductor.
-Measured on the 2-core dev machine with an empty inductor cache: baseline 114 s, pr473 123 s, pr573 111 s,
-pr1550 191 s (fp32 storage); pr1550 with its own storage 337 s."""
+Measured on the 2-core dev machine with an empty inductor cache (fp32 storage): CI's 4-layer pr573 80 s;
+at full depth baseline 114 s, pr473 123 s, pr573 111 s, pr1550 191 s."""
 import os
 import shutil
 import sys
@@ -63,6 +64,10 @@ TINY = {"train_seq_len": T, "train_batch_tokens": B * T, "virtual_world_size": 1
 TOL = 1e-4
 TOL_BF16 = 2**-7  # a bf16 gradient (fp32 storage has none): eager and a fused graph may round its partial sums apart
 TOL_BF16_OUT, TOL_BF16_GRAD = 2**-7, 2**-5
+# Newton-Schulz (ns_check), measured on the six configs' own Muon inputs: half a bf16 ulp on every input element
+# moves a matrix's alignment or norm by up to 1.6e-2, inductor's addmm fusion by up to 2.0e-2 (pr573's ve.proj);
+# one Newton-Schulz step more or fewer moves them by 3.6e-2 or more (test_ns_check_catches_one_step_more_or_fewer)
+TOL_NS = 3e-2
 
 
 class Batches:
@@ -120,18 +125,13 @@ def ns_stats(O, G) -> torch.Tensor:
     return torch.stack([(O * G).sum((-2, -1)), O.square().sum((-2, -1))], -1)
 
 
-def ns_check(got, u, a) -> tuple[float, float]:
-    """(difference, tolerance) of a compiled orthogonalize output against eager's on the same input. Quintic
-    Newton-Schulz in bf16 does not converge (its singular values keep oscillating around 1), so one rounding of
-    its input moves single elements of its output by 4e-2 to 3e-1 of the largest: elements cannot be compared.
-    Each matrix's alignment and norm can: half a bf16 ulp on every input element moves them by at most 1.6e-2
-    (measured on the six configs' Muon inputs), one Newton-Schulz step more or fewer by 3.6e-2 or more. The
-    tolerance is twice what three such perturbations move them, measured per call."""
+def ns_check(got, u, a) -> float:
+    """How far a compiled orthogonalize output is from eager's on the same input, as the largest relative change
+    of a matrix's ns_stats. Quintic Newton-Schulz in bf16 does not converge (its singular values keep
+    oscillating around 1), so single elements of its output move by 4e-2 to 3e-1 of the largest when one
+    rounding changes: elements cannot be compared. Each matrix's alignment and norm can (TOL_NS)."""
     ref = ns_stats(tg.orthogonalize(u, *a), u)
-    diff = lambda O: float(((ns_stats(O, u) - ref).abs() / ref.abs()).max())  # noqa: E731
-    g = torch.Generator().manual_seed(0)
-    moved = (u.float() * (1 + (torch.rand(u.shape, generator=g) - 0.5) * 2**-8) for _ in range(3))
-    return diff(got), 2 * max(diff(tg.orthogonalize(p, *a)) for p in moved)
+    return float(((ns_stats(got, u) - ref).abs() / ref.abs()).max())
 
 
 def tolerances(cfg, backend):
@@ -171,8 +171,8 @@ def lockstep(name, backend=BACKEND, storage=None, shape=None):
                     for n, g in e.grads.items():
                         out[f"{at}/grad/{n}"] = (close(c.grads[n], g), tol["grad_bf16" if g.dtype == torch.bfloat16 else "grad"])
                 for i, (u, a, got) in enumerate(c.ns):
-                    d, t = ns_check(got, u, a)
-                    out[f"{at}/ns{i}{tuple(u.shape)}"] = (close(got, tg.orthogonalize(u, *a)), 0.0) if backend == "eager" else (d, t)
+                    out[f"{at}/ns{i}{tuple(u.shape)}"] = ((close(got, tg.orthogonalize(u, *a)), 0.0) if backend == "eager" else
+                                                          (ns_check(got, u, a), TOL_NS))
                 sync(c, e)
                 ee, ec = tg.eval_val(e.cfg, e.model, e.rt, tokens, tbytes)[0], tg.eval_val(c.cfg, c.model, c.rt, tokens, tbytes)[0]
                 out[f"{at}/eval"] = (close(ec, ee), tol["out"])
@@ -230,12 +230,15 @@ def test_a_compiled_only_error_fails_the_check():
         check("baseline", off_by_a_little)
 
 
-@pytest.mark.parametrize("name", ["baseline", "pr573"])
+@pytest.mark.parametrize("name", SEED_CONFIGS)
 def test_ns_check_catches_one_step_more_or_fewer(name):
     e = setup(name, False, storage="fp32")
     tg.train_step(e, 1.0, 0.95)
+    g = torch.Generator().manual_seed(0)
     for u, a, got in e.ns:
-        assert ns_check(got, u, a)[0] == 0.0
+        assert ns_check(got, u, a) == 0.0
+        moved = u.float() * (1 + (torch.rand(u.shape, generator=g) - 0.5) * 2**-8)  # half a bf16 ulp per element
+        assert ns_check(tg.orthogonalize(moved, *a), u, a) < TOL_NS, (name, tuple(u.shape))
         for steps in (a[0] - 1, a[0] + 1):
-            d, t = ns_check(tg.orthogonalize(u, steps, *a[1:]), u, a)
-            assert d > t, (name, tuple(u.shape), steps, d, t)
+            d = ns_check(tg.orthogonalize(u, steps, *a[1:]), u, a)
+            assert d > TOL_NS, (name, tuple(u.shape), steps, d)
