@@ -59,6 +59,7 @@ class QuantConfig:
     quant_bits_other: int = 8  # bits of the other matrices (5..8)
     quant_clip: str = "gptq_lite"  # max | percentile | gptq_lite | sdclip
     quant_clip_percentile: float = 0.9999984  # row quantile of |w| that sets the scale (quant_clip=percentile)
+    quant_scale_rule: str = "cover"  # cover (fp16 step rounded up: r*s covers the clip) | records (nearest fp16 after a 1/r floor, none for sdclip; gptq_lite int8 groups as the baseline int8)
     sdclip_k_attn: float = 13.0  # SDClip: scale = k * row std, attention matrices
     sdclip_k_mlp: float = 11.5  # SDClip k, MLP matrices
     sdclip_k_embed: float = 14.0  # SDClip k, embedding
@@ -101,6 +102,7 @@ def quant_settings(cfg: dict | None) -> dict:
     """The quant keys of a config dict, defaults filled in, validated (one clear line on error)."""
     c = {k: (cfg or {}).get(k, v) for k, v in QUANT_DEFAULTS.items()}
     for key, allowed in (("quant_scheme", ("int8", "mixed")), ("quant_clip", CLIP_RULES), ("compressor", tuple(COMPRESSORS)),
+                         ("quant_scale_rule", ("cover", "records")),
                          ("gptq_calib_source", ("train", "self")), ("gptq_damp_rule", ("mean", "diag")),
                          *((f"quant_bits_{g}", (5, 6, 7, 8)) for g in GROUPS), ("lqer_bits", range(2, 9)),
                          ("lqer_mode", ("sym", "asym")), ("pergroup_backend", ("zpaq", "ppmd")),
@@ -184,11 +186,17 @@ def quantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.clamp(torch.round(torch.clamp(w, -clip[:, None], clip[:, None]) / scale[:, None]), -127, 127)
     return q.to(torch.int8), scale.to(torch.float16)
 
-def _scale(clip: Tensor, r: int) -> Tensor:
-    """fp16 step >= clip/r (rounded up, so r*s still covers the clip; subnormal fp16 steps are coarse).
-    Quantizing with this stored value keeps |err| <= s/2 exact; the floor keeps zero rows finite."""
-    s = (clip / r).clamp(2.0**-24, 65504.0)
+def step(clip: Tensor, r: int, scale_rule: str = "cover", clip_rule: str = "max") -> Tensor:
+    """The fp16 per-row step of the grid [-r, r]*s for row clips `clip`; weights are rounded with this stored
+    value. cover: the smallest fp16 >= clip/r, so r*s still covers the clip and |err| <= s/2 within it,
+    floored at 2^-24 (keeps zero rows finite). records: the nearest fp16, as the records cast it, after their
+    floor: 1/r (the baseline's 1/127, GPTQ-lite's 1/31: rows with clip < 1 share one grid step), none for
+    sdclip (#1855's 1e-10 is below fp16's smallest step, so 2^-24 stands in)."""
+    floor = 1.0 / r if scale_rule == "records" and clip_rule != "sdclip" else 2.0**-24
+    s = (clip / r).clamp(floor, 65504.0)
     h = s.half()
+    if scale_rule == "records":
+        return h
     return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, 65504.0)), h)
 
 def _rtn(w: Tensor, s: Tensor, r: int) -> Tensor:
@@ -201,17 +209,18 @@ def _row_quantile(sorted_abs: Tensor, p: float) -> Tensor:
     f = p * (n - 1) - lo
     return sorted_abs[:, lo] * (1 - f) + sorted_abs[:, min(lo + 1, n - 1)] * f
 
-def candidate_scales(w: Tensor, bits: int, rule: str, pct: float = INT8_CLIP_Q, k: float = 12.0) -> list[tuple[Tensor, str]]:
+def candidate_scales(w: Tensor, bits: int, rule: str, pct: float = INT8_CLIP_Q, k: float = 12.0,
+                     scale_rule: str = "cover") -> list[tuple[Tensor, str]]:
     """Per-row fp16 scales for a 2-D float matrix: one candidate, or five for gptq_lite (the caller
     keeps the best for the whole matrix: lowest weight MSE for RTN, lowest Hessian error for GPTQ)."""
     r = 2 ** (bits - 1) - 1
     if rule == "max":
-        return [(_scale(w.abs().amax(1), r), "max")]
+        return [(step(w.abs().amax(1), r, scale_rule), "max")]
     if rule == "sdclip":  # unbiased std, like the trainer's QAT grid, so training and export agree
-        return [(_scale(k * torch.nan_to_num(w.std(1)), r), f"sdclip k={k:g}")]
+        return [(step(k * torch.nan_to_num(w.std(1)), r, scale_rule, "sdclip"), f"sdclip k={k:g}")]
     srt = w.abs().sort(1).values
     levels = GPTQ_LITE_LEVELS if rule == "gptq_lite" else (pct,)
-    return [(_scale(_row_quantile(srt, p), r), f"{rule} p={p:g}") for p in levels]
+    return [(step(_row_quantile(srt, p), r, scale_rule, rule), f"{rule} p={p:g}") for p in levels]
 
 def hessian_error(e: Tensor, H: Tensor) -> float:
     """trace(E H E^T): the increase of the layer's squared output error over the calibration set."""
@@ -289,7 +298,7 @@ def _lqer(e: Tensor, rank: int, bits: int, asym: bool = False):
     r = 2 ** (bits - 1) - 1
     parts = []
     for f in (A, B):
-        s = _scale(f.abs().amax(1), r)
+        s = step(f.abs().amax(1), r)
         parts += [_rtn(f, s, r).to(torch.int8), s]
     return parts
 
@@ -346,7 +355,10 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
             if use_gptq and H is None:
                 rec["note"], use_gptq = "no Hessian for this tensor: round-to-nearest", False
             best = None
-            for s, tag in candidate_scales(w, bits, c["quant_clip"], c["quant_clip_percentile"], c[f"sdclip_k_{g}"]):
+            if c["quant_scale_rule"] == "records" and c["quant_clip"] == "gptq_lite" and bits == 8 and not use_gptq:
+                best = (0.0, *quantize_rows_int8(w), f"p={INT8_CLIP_Q:g} floor 1/127", rec["note"])  # C.3: int8 rows as the baseline's
+            for s, tag in [] if best else candidate_scales(w, bits, c["quant_clip"], c["quant_clip_percentile"],
+                                                           c[f"sdclip_k_{g}"], c["quant_scale_rule"]):
                 if use_gptq:
                     q, note = gptq_quantize(w, H, s, bits, c["gptq_damp"], c["gptq_block"], c["gptq_act_order"], c["gptq_damp_rule"])
                     err = hessian_error(w - q.float() * s.float()[:, None], H)

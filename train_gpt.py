@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import quantize  # a leaf; its export grid (quantize.step) is the one QAT trains against
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -348,19 +350,17 @@ def linear(x: Tensor, w: Tensor, name: str | None = None) -> Tensor:
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
-def row_scale(w: Tensor, bits: int, rule: str = "max", k: float = 0.0) -> Tensor:
-    """Per-row step of the symmetric grid [-r, r]*s, r = 2^(bits-1)-1, clip = row max or k * row std,
-    stored as fp16 rounded up (so r*s still covers the clip): exactly the step quantize.py exports."""
+def row_scale(w: Tensor, bits: int, rule: str = "max", k: float = 0.0, scale_rule: str = "cover") -> Tensor:
+    """Per-row step of the symmetric grid [-r, r]*s, r = 2^(bits-1)-1, clip = row max or k * row std:
+    exactly the fp16 step quantize.py exports (quantize.step, quant_scale_rule)."""
     clip = w.float().abs().amax(-1) if rule == "max" else k * torch.nan_to_num(w.float().std(-1))
-    s = (clip / (2 ** (bits - 1) - 1)).clamp(2.0**-24, 65504.0)
-    h = s.half()
-    return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, 65504.0)), h).float().unsqueeze(-1)
+    return quantize.step(clip, 2 ** (bits - 1) - 1, scale_rule, rule).float().unsqueeze(-1)
 
-def fake_quant(w: Tensor, bits: int, rule: str, k: float, mix: Tensor) -> Tensor:
+def fake_quant(w: Tensor, bits: int, rule: str, k: float, mix: Tensor, scale_rule: str = "cover") -> Tensor:
     """STE: forward sees the export grid when mix=1; gradients pass straight through. mix is a
     tensor so turning QAT on never recompiles (a Python flag is constant-folded by compile)."""
     r = 2 ** (bits - 1) - 1
-    s = row_scale(w.detach(), bits, rule, k)
+    s = row_scale(w.detach(), bits, rule, k, scale_rule)
     q = (torch.clamp(torch.round(w.detach().float() / s), -r, r) * s).to(w.dtype)
     return w + mix.to(w.dtype) * (q - w.detach())
 
@@ -563,7 +563,7 @@ class GPT(nn.Module):
         if not cfg.qat:
             return bank[j]
         bits, k = (cfg.quant_bits_attn, cfg.sdclip_k_attn) if group == "attn" else (cfg.quant_bits_mlp, cfg.sdclip_k_mlp)
-        return fake_quant(bank[j], bits, "sdclip" if cfg.quant_clip == "sdclip" else "max", k, self.qat_mix)
+        return fake_quant(bank[j], bits, "sdclip" if cfg.quant_clip == "sdclip" else "max", k, self.qat_mix, cfg.quant_scale_rule)
 
     def rope(self, T: int, device) -> tuple[Tensor, Tensor]:
         # cos/sin are rebuilt per call (folded by compile): a cache filled under inference_mode would
@@ -1053,8 +1053,6 @@ def save_checkpoint(r: Run) -> None:
     r.log(f"checkpoint:{path} step:{r.step}")
 
 def load_checkpoint(path: str) -> dict:
-    import quantize
-
     ck = quantize.load_torch(path, "checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != "pgolf-ckpt/2":
         raise ValueError(f"{path} is not a checkpoint written by this train_gpt.py")
@@ -1112,8 +1110,6 @@ def warmup(r: Run, fresh_loader) -> None:
     r.loader = fresh_loader()
 
 def artifact_plan(cfg: Config, model: nn.Module, texts: dict | None = None) -> list[str]:
-    import quantize
-
     c = asdict(cfg)
     code = quantize.code_size(HERE, cfg.code_packed, texts, cfg.code_packer)[0]
     p = quantize.plan(quantize.param_groups_of(unbank(model.state_dict()), c), c, code)
@@ -1335,7 +1331,6 @@ def calibrate(r: Run, quantize) -> dict | None:
 def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> None:
     """Resumable checkpoint, weight average, GPTQ calibration, raw weights, then one quantize.export (artifact and size
     lines), then every rank scores the artifact re-read from disk: what is submitted is what is scored."""
-    import quantize
     cfg, rt, log = r.cfg, r.rt, r.log
     save_checkpoint(r)
     r.base.looping = cfg.num_loops > 0  # the scored model always runs its full schedule

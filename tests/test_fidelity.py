@@ -205,3 +205,46 @@ def test_eval_trim_scores_the_seeds_targets(tmp_path, monkeypatch):
 @pytest.mark.parametrize("seed", ["pr473", "pr526", "pr573", "pr1550", "pr1812"])
 def test_seed_configs_trim_the_eval_stream(seed):
     assert cfg_of(seed).eval_trim
+
+
+# -- export grid: the records' fp16 scale --------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_rule", ["max", "gptq_lite", "sdclip"])
+def test_records_scale_rule_is_the_records_cast(clip_rule):
+    """records: s = fp16(max(clip/r, floor)), nearest; floor 1/r (1/31 at int6: GPTQ-lite's C.3, the baseline's
+    1/127 at int8), none for SDClip. cover (ours by default) rounds up to the next fp16 and floors at 2^-24."""
+    import quantize as q
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.cat([torch.rand(500, generator=g) * 0.9, 1 + torch.rand(500, generator=g) * 40])  # below and above 1
+    r = 31
+    rec, cov = q.step(clip, r, "records", clip_rule), q.step(clip, r, "cover", clip_rule)
+    floor = 2.0**-24 if clip_rule == "sdclip" else 1 / 31
+    assert rec.dtype == cov.dtype == torch.float16
+    assert torch.equal(rec, (clip / 31).clamp_min(floor).half())
+    assert bool((cov.float() >= clip / 31).all()) and bool((cov.float() * r >= clip).all())
+    assert bool((rec != cov).any())  # the two rules store different steps for the same rows
+    if clip_rule != "sdclip":
+        assert bool((rec[:500] == torch.tensor(1 / 31).half()).all())  # every row with clip < 1 shares the floor step
+
+
+@pytest.mark.parametrize("seed", ["pr473", "pr526", "pr573", "pr1550", "pr1812", "pr1855"])
+def test_seed_configs_store_the_records_scales(seed):
+    assert cfg_of(seed).quant_scale_rule == "records"
+
+
+def test_gptq_lite_records_int8_groups_are_the_baseline_int8_rows():
+    """Spec C.3: with GPTQ-lite the int8 groups (embedding, other) take the baseline's per-row int8 (99.99984th
+    percentile clip, step floored at 1/127), not five clip levels at r = 127; the int6 groups take the floored steps."""
+    import quantize as q
+
+    g = torch.Generator().manual_seed(0)
+    state = {"tok_emb.weight": torch.randn(96, 256, generator=g) * 0.05, "blocks.0.mlp.fc.weight": torch.randn(128, 256, generator=g) * 0.05}
+    c = {"quant_scheme": "mixed", "quant_clip": "gptq_lite", "quant_scale_rule": "records", "quant_keep_float_numel": 100}
+    tensors, entries, _ = q.quantize_state_dict(state, c)
+    qe, se = q.quantize_rows_int8(state["tok_emb.weight"])
+    assert torch.equal(tensors["tok_emb.weight.q"], qe) and torch.equal(tensors["tok_emb.weight.scale"], se)
+    assert bool((tensors["blocks.0.mlp.fc.weight.scale"] == torch.tensor(1 / 31).half()).all())  # |w| < 1: the floor
+    cover, _, _ = q.quantize_state_dict(state, {**c, "quant_scale_rule": "cover"})
+    assert not torch.equal(cover["tok_emb.weight.q"], qe)

@@ -200,10 +200,11 @@ def qat_model(**over):
 
 
 @pytest.mark.parametrize("clip", ["max", "sdclip"])
-def test_qat_forward_is_the_forward_of_the_export_grid(clip):
+@pytest.mark.parametrize("scale_rule", ["cover", "records"])
+def test_qat_forward_is_the_forward_of_the_export_grid(clip, scale_rule):
     import quantize
 
-    cfg, model = qat_model(quant_clip=clip, quant_scheme="mixed")
+    cfg, model = qat_model(quant_clip=clip, quant_scheme="mixed", quant_scale_rule=scale_rule)
     x = torch.randint(0, 64, (2, 16))
     off = model(x, x)
     model.qat_mix.fill_(1.0)
