@@ -881,6 +881,9 @@ def main(argv: list[str]) -> None:
     if args.out:
         Path(args.out).write_bytes(blob)
         print(f"wrote {args.out}")
+        if not config.get("model_dim"):
+            print(f"WARNING: {args.checkpoint} carries no model config (a raw final_model.pt), so neither does {args.out}: "
+                  "ttt_eval.py will need every model key; quantize the run's ckpt_step*.pt instead")
     specs = [s.strip() for spec in args.compare for s in spec.split(";") if s.strip()]
     if specs:
         print(f"\n{'scheme':<40}{'artifact_bytes':>15}{'total':>12}{'weight_mse':>12}{'herr':>10}")

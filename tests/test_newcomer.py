@@ -255,6 +255,19 @@ def test_foreign_files_are_one_line_and_never_unpickled(tmp_path, art):
         quantize.main([str(ck), "--hessians", str(bad)])
 
 
+
+def test_quantizing_a_raw_state_dict_warns_that_the_artifact_has_no_model_config(tmp_path, capsys):
+    """final_model.pt is a bare state dict: its artifact cannot be re-scored without every model key, so say so."""
+    state = {"blocks.0.mlp.fc.weight": torch.randn(8, 8)}
+    raw, wrapped = tmp_path / "final_model.pt", tmp_path / "ckpt_step000001.pt"
+    torch.save(state, raw)
+    torch.save({"model": state, "config": {"model_dim": 8}}, wrapped)
+    quantize.main([str(raw), "--out", str(tmp_path / "a.ptz")])
+    assert "WARNING: " + str(raw) + " carries no model config" in capsys.readouterr().out
+    quantize.main([str(wrapped), "--out", str(tmp_path / "b.ptz")])
+    assert "WARNING" not in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # 7. text input and the manifest
 
