@@ -93,6 +93,11 @@ def _num(v: str):
     return int(v) if re.fullmatch(r"[-+]?\d+", v) else float(v) if re.fullmatch(NUM, v) else v.strip()
 
 
+def _field(k: str, v: str):
+    """A logged value, typed; ids and hashes stay text (1 eval_key in ~140 is all digits with at most one 'e')."""
+    return v.strip() if k in ("block", "key", "check", "fingerprint") else _num(v)
+
+
 @dataclass
 class Score:
     label: str  # without the _exact suffix
@@ -208,7 +213,7 @@ def parse_log(path) -> RunLog:
             except json.JSONDecodeError:
                 pass
         elif e := EVAL_START_RE.match(line):
-            r.evals.append({k: v if k == "block" else _num(v) for k, v in e.groupdict().items() if v is not None} | {"reasons": []})
+            r.evals.append({k: _field(k, v) for k, v in e.groupdict().items() if v is not None} | {"reasons": []})
             section = len(r.evals) - 1
         elif (e := EVAL_END_RE.match(line)) and section >= 0 and r.evals[section].get("block") == e["block"]:
             r.evals[section].update({k: v.strip() for k, v in e.groupdict().items() if v is not None})
@@ -219,9 +224,9 @@ def parse_log(path) -> RunLog:
             if "reason" in e.groupdict():
                 r.evals[section]["reasons"].append(e["reason"].replace(" reason:", ": ", 1))
             else:
-                r.evals[section].update({k: _num(v) for k, v in e.groupdict().items()})
+                r.evals[section].update({k: _field(k, v) for k, v in e.groupdict().items()})
         elif i := next((m for rx in INFO_RES if (m := rx.match(line))), None):
-            r.info.update({k: _num(v) for k, v in i.groupdict().items() if v is not None})
+            r.info.update({k: _field(k, v) for k, v in i.groupdict().items() if v is not None})
     use_eval_blocks(r)
     for sc in r.scores:  # an exact line has no eval_time: take its short twin's
         if sc.exact and sc.eval_ms is None:

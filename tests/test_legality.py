@@ -189,6 +189,15 @@ def test_make_record_reads_the_check_of_the_same_eval_key(tmp_path, key, verdict
     assert any("no passing legality self-check" in x for x in notes) == (want is None)
 
 
+@pytest.mark.parametrize("key", ["126225642e50", "012345678901"])
+def test_a_key_that_looks_like_a_number_still_matches_its_check(tmp_path, key, monkeypatch):
+    """eval_key is 12 hex digits: about 1 key in 140 is all decimal digits with at most one 'e' (seen in CI: seed 314's
+    126225642e50 was read as the float 1.26e58, so its passing check no longer matched its eval)."""
+    monkeypatch.setattr(sys.modules[__name__], "KEY", key)
+    r = mr.parse_log(log_with(tmp_path, key=key))
+    assert r.evals[-1]["key"] == key and mr.compliance(r, r.score())["self_check"] is True
+
+
 def test_build_accepts_a_check_section_and_says_which_seed_has_no_check(tmp_path):
     from test_records import build_args
 
