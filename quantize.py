@@ -34,7 +34,7 @@ from torch import Tensor
 
 MAGIC = b"PGOLFQ"
 FORMAT_VERSION = 2  # v2 added the flags byte; v1 files are still read
-# = train_gpt.CODE_FILES (a leaf: no import)
+# The shipped files whose bytes count toward the cap (train_gpt.CODE_FILES is this tuple; make_record keeps a checked copy)
 CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py", "kernels.py")
 SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -307,6 +307,21 @@ def _lqer_term(qa, sa, qb, sb) -> Tensor:
         return (qa.float() * sa.float()) @ (qb.float().reshape(-1, LQER_GROUP) * sb.float()[:, None]).reshape(qb.shape)
     return (qa.float() * sa.float()[:, None]) @ (qb.float() * sb.float()[:, None])
 
+def best_rows(w: Tensor, bits: int, c: dict, k: float, H: Tensor | None, note: str) -> tuple[Tensor, Tensor, str, str]:
+    """-> (q, scales, clip tag, note) of the candidate scale with the lowest error for the whole matrix: the Hessian
+    error after GPTQ when H is given, else the weight MSE after round-to-nearest."""
+    best = None
+    for s, tag in candidate_scales(w, bits, c["quant_clip"], c["quant_clip_percentile"], k, c["quant_scale_rule"]):
+        if H is not None:
+            q, note = gptq_quantize(w, H, s, bits, c["gptq_damp"], c["gptq_block"], c["gptq_act_order"], c["gptq_damp_rule"])
+            err = hessian_error(w - q.float() * s.float()[:, None], H)
+        else:
+            q = _rtn(w, s, 2 ** (bits - 1) - 1).to(torch.int8)
+            err = float((q.float() * s.float()[:, None] - w).square().sum())
+        if best is None or err < best[0]:
+            best = (err, q, s, tag, note)
+    return best[1:]
+
 def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessians: dict | None = None):
     """-> (tensors to store, {name: entry}, report). An entry says how to rebuild a tensor; the report
     has one dict per tensor: name, group, numel, bits, clip, method, mse, err2 (sum of squares), herr
@@ -354,20 +369,11 @@ def quantize_state_dict(state: dict[str, Tensor], cfg: dict | None = None, hessi
             use_gptq = c["gptq"] and (g in ("attn", "mlp") or (g == "embed" and c["quant_gptq_embed"]))
             if use_gptq and H is None:
                 rec["note"], use_gptq = "no Hessian for this tensor: round-to-nearest", False
-            best = None
             if c["quant_scale_rule"] == "records" and c["quant_clip"] == "gptq_lite" and bits == 8 and not use_gptq:
-                best = (0.0, *quantize_rows_int8(w), f"p={INT8_CLIP_Q:g} floor 1/127", rec["note"])  # C.3: int8 rows as the baseline's
-            for s, tag in [] if best else candidate_scales(w, bits, c["quant_clip"], c["quant_clip_percentile"],
-                                                           c[f"sdclip_k_{g}"], c["quant_scale_rule"]):
-                if use_gptq:
-                    q, note = gptq_quantize(w, H, s, bits, c["gptq_damp"], c["gptq_block"], c["gptq_act_order"], c["gptq_damp_rule"])
-                    err = hessian_error(w - q.float() * s.float()[:, None], H)
-                else:
-                    q, note = _rtn(w, s, 2 ** (bits - 1) - 1).to(torch.int8), rec["note"]
-                    err = float((q.float() * s.float()[:, None] - w).square().sum())
-                if best is None or err < best[0]:
-                    best = (err, q, s, tag, note)
-            _, q, s, tag, note = best
+                q, s = quantize_rows_int8(w)  # spec C.3: GPTQ-lite's int8 groups are the baseline's int8 rows
+                tag, note = f"p={INT8_CLIP_Q:g} floor 1/127", rec["note"]
+            else:
+                q, s, tag, note = best_rows(w, bits, c, c[f"sdclip_k_{g}"], H if use_gptq else None, rec["note"])
             if "fallback" in note:
                 print(f"quantize: {name}: {note}", file=sys.stderr)
             keys = [name + ".q", name + ".scale"]
