@@ -39,8 +39,8 @@ except ModuleNotFoundError:  # Python < 3.11
     tomllib = None
 
 HERE = Path(__file__).resolve().parent
-SIZE_CAP_BYTES = 16_000_000  # decimal, not MiB
-CODE_FILES = ("train_gpt.py", "data_loader.py", "quantize.py", "ttt_eval.py", "pergroup.py", "kernels.py")  # the files whose bytes count
+SIZE_CAP_BYTES = quantize.SIZE_CAP_BYTES  # decimal, not MiB
+CODE_FILES = quantize.CODE_FILES  # the files whose bytes count
 
 # -----------------------------------------------------------------------------
 # CONFIG
@@ -169,14 +169,13 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 @functools.cache
 def config_class() -> type:
-    """Config plus the knobs owned by quantize.py (QuantConfig) and ttt_eval.py (TTTConfig) when they
-    sit beside this file: one flat, typed namespace, each knob defined next to the code that reads it."""
-    extra = []
-    for mod, name in (("quantize", "QuantConfig"), ("ttt_eval", "TTTConfig")):
-        if (HERE / f"{mod}.py").is_file():
-            sys.path.insert(0, str(HERE)) if str(HERE) not in sys.path else None
-            extra += [(f.name, f.type, field(default=f.default)) for f in fields(getattr(importlib.import_module(mod), name))]
-    return make_dataclass("RunConfig", extra, bases=(Config,)) if extra else Config
+    """Config plus the knobs owned by quantize.py (QuantConfig) and, when it sits beside this file, ttt_eval.py
+    (TTTConfig): one flat, typed namespace, each knob defined next to the code that reads it."""
+    owners = [quantize.QuantConfig]
+    if (HERE / "ttt_eval.py").is_file():
+        sys.path.insert(0, str(HERE)) if str(HERE) not in sys.path else None
+        owners.append(importlib.import_module("ttt_eval").TTTConfig)
+    return make_dataclass("RunConfig", [(f.name, f.type, field(default=f.default)) for o in owners for f in fields(o)], bases=(Config,))
 
 @functools.cache
 def field_docs() -> dict[str, str]:
@@ -245,8 +244,7 @@ def validate_config(c: Config) -> None:
         parts = field_docs().get(f.name, "").split(";")[0].split(" | ")
         allowed = [re.match(r"\s*([\w.-]*)", x)[1] for x in parts] if f.type == "str" and len(parts) > 1 else []
         need(not allowed or getattr(c, f.name) in allowed, f"{f.name} must be one of {', '.join(allowed)}; got '{getattr(c, f.name)}'")
-    if hasattr(c, "quant_scheme"):  # quantize.py's own checks (bits per group, ...): a dry run rejects what a run would
-        importlib.import_module("quantize").quant_settings(asdict(c))
+    quantize.quant_settings(asdict(c))  # quantize.py's own checks (bits per group, ...): a dry run rejects what a run would
 
 USAGE = ("usage: train_gpt.py [--config FILE.toml] [--key=value ...] [--dry-run] [--resume CKPT]\n  --dry-run: check the whole config, "
          "print model_params and the resolved config, train nothing\n  --resume: continue from a checkpoint")
@@ -1294,7 +1292,7 @@ def generate(model: GPT, cfg: Config, n: int, device, seed: int, temperature: fl
             x = torch.cat([x, torch.multinomial(p, 1, generator=g)], 1)
     return x
 
-def calibrate(r: Run, quantize) -> dict | None:
+def calibrate(r: Run) -> dict | None:
     """GPTQ Hessians (mean x^T x of every named matmul input) from training batches or from text the
     model generates itself - never validation data - inside the reserved end of the training clock."""
     global CAPTURE
@@ -1339,7 +1337,7 @@ def finish(r: Run, val_tokens: Tensor, tgt_bytes: Tensor, pre_bpb: float) -> Non
         t = time.perf_counter()
         val_loss, pre_bpb = eval_val(cfg, r.model, rt, val_tokens, tgt_bytes)
         log(f"post_average val_loss:{val_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
-    hessians = calibrate(r, quantize)
+    hessians = calibrate(r)
     art_path = r.out_dir / f"final_model.{cfg.quant_scheme}.ptz"
     if rt.is_main:
         state = unbank({k: v.detach().cpu() for k, v in r.base.state_dict().items()})
